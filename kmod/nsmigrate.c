@@ -1,0 +1,693 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * nsmigrate: live migration of a process into another PID namespace.
+ *
+ * A caller with CAP_SYS_ADMIN over both namespaces asks, through an ioctl
+ * on /dev/nsmigrate, that a process move into a target PID namespace. The
+ * process keeps its memory, files and credentials; it gets a new struct pid
+ * allocated in the target (numbers in the target and all its ancestors), a
+ * parent there, a new session and process group, and its future children
+ * are born there.
+ *
+ * The switch never writes another task's pid links or nsproxy from outside:
+ * it is queued with task_work_add(TWA_SIGNAL) and runs in the migrating
+ * task's own context on its way back to user space, where it cannot be
+ * forking. The ioctl waits for it, bounded and interruptibly.
+ */
+#define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
+
+#include <linux/atomic.h>
+#include <linux/capability.h>
+#include <linux/completion.h>
+#include <linux/file.h>
+#include <linux/fs.h>
+#include <linux/kprobes.h>
+#include <linux/ktime.h>
+#include <linux/magic.h>
+#include <linux/miscdevice.h>
+#include <linux/module.h>
+#include <linux/nsproxy.h>
+#include <linux/pid.h>
+#include <linux/pid_namespace.h>
+#include <linux/proc_fs.h>
+#include <linux/proc_ns.h>
+#include <linux/refcount.h>
+#include <linux/sched.h>
+#include <linux/sched/signal.h>
+#include <linux/sched/task.h>
+#include <linux/seq_file.h>
+#include <linux/slab.h>
+#include <linux/task_work.h>
+#include <linux/tty.h>
+#include <linux/uaccess.h>
+#include <linux/wait.h>
+
+#include "nsmigrate.h"
+
+#define NSM_VERSION "1.0"
+
+/* Kernel symbols this module needs but the kernel does not export. */
+static struct {
+	typeof(alloc_pid) *alloc_pid;
+	typeof(free_pid) *free_pid;
+	typeof(change_pid) *change_pid;
+	typeof(switch_task_namespaces) *switch_task_namespaces;
+	typeof(free_nsproxy) *free_nsproxy;
+	typeof(pidfd_get_pid) *pidfd_get_pid;
+	typeof(proc_flush_pid) *proc_flush_pid;
+	typeof(proc_clear_tty) *proc_clear_tty;
+	struct nsproxy *(*create_new_namespaces)(unsigned long flags,
+						 struct task_struct *tsk,
+						 struct user_namespace *user_ns,
+						 struct fs_struct *new_fs);
+	rwlock_t *tasklist_lock;
+} ksym;
+
+struct nsm_symbol {
+	const char *name;
+	void **addr;
+	bool is_function;
+};
+
+#define NSM_FUNC(sym) { #sym, (void **)&ksym.sym, true }
+
+static const struct nsm_symbol nsm_symbols[] = {
+	NSM_FUNC(alloc_pid),
+	NSM_FUNC(free_pid),
+	NSM_FUNC(change_pid),
+	NSM_FUNC(switch_task_namespaces),
+	NSM_FUNC(free_nsproxy),
+	NSM_FUNC(pidfd_get_pid),
+	NSM_FUNC(proc_flush_pid),
+	NSM_FUNC(proc_clear_tty),
+	NSM_FUNC(create_new_namespaces),
+	{ "tasklist_lock", (void **)&ksym.tasklist_lock, false },
+};
+
+/* Why a request failed, for the counters in /proc/nsmigrate. */
+enum nsm_reason {
+	NSM_R_ESRCH,
+	NSM_R_EINVAL,
+	NSM_R_EPERM,
+	NSM_R_EBUSY,
+	NSM_R_ENXIO,
+	NSM_R_EINTR,
+	NSM_R_ETIMEDOUT,
+	NSM_R_OTHER,
+	NSM_R_MAX,
+};
+
+static const char * const nsm_reason_names[NSM_R_MAX] = {
+	"esrch", "einval", "eperm", "ebusy", "enxio", "eintr", "etimedout",
+	"other",
+};
+
+static atomic_long_t nsm_done;
+static atomic_long_t nsm_in_flight;
+static atomic_long_t nsm_refused[NSM_R_MAX];
+
+/*
+ * One queued switch. The waiter and the task work each hold a reference;
+ * @state decides, exactly once, whether the switch runs or is abandoned.
+ */
+enum nsm_state { NSM_QUEUED, NSM_RUNNING, NSM_ABANDONED };
+
+struct nsm_work {
+	struct callback_head cb;
+	refcount_t ref;
+	atomic_t state;
+	struct completion done;
+	struct pid_namespace *target;
+	struct pid *parent;
+	struct pid *new_pid;
+	int err;
+	u64 t_queued;
+	u64 t_start;
+	u64 t_done;
+};
+
+static void nsm_work_put(struct nsm_work *w)
+{
+	if (!refcount_dec_and_test(&w->ref))
+		return;
+	put_pid(w->new_pid);
+	put_pid(w->parent);
+	put_pid_ns(w->target);
+	kfree(w);
+}
+
+static void nsm_count_refusal(int err)
+{
+	enum nsm_reason r;
+
+	switch (err) {
+	case -ESRCH:
+		r = NSM_R_ESRCH;
+		break;
+	case -EINVAL:
+		r = NSM_R_EINVAL;
+		break;
+	case -EPERM:
+		r = NSM_R_EPERM;
+		break;
+	case -EBUSY:
+		r = NSM_R_EBUSY;
+		break;
+	case -ENXIO:
+		r = NSM_R_ENXIO;
+		break;
+	case -EINTR:
+		r = NSM_R_EINTR;
+		break;
+	case -ETIMEDOUT:
+		r = NSM_R_ETIMEDOUT;
+		break;
+	default:
+		r = NSM_R_OTHER;
+	}
+	atomic_long_inc(&nsm_refused[r]);
+}
+
+/* put_nsproxy() is inline and calls free_nsproxy(), which is not exported. */
+static void nsm_put_nsproxy(struct nsproxy *ns)
+{
+#ifdef NSM_NSPROXY_REFCOUNT
+	if (refcount_dec_and_test(&ns->count))
+		ksym.free_nsproxy(ns);
+#else
+	if (atomic_dec_and_test(&ns->count))
+		ksym.free_nsproxy(ns);
+#endif
+}
+
+static bool nsm_pidns_within(struct pid_namespace *ns,
+			     struct pid_namespace *ancestor)
+{
+	while (ns->level > ancestor->level)
+		ns = ns->parent;
+	return ns == ancestor;
+}
+
+static bool nsm_target_alive(struct pid_namespace *target)
+{
+	/* zap_pid_namespace() clears PIDNS_ADDING once its init is dying. */
+	return READ_ONCE(target->pid_allocated) & PIDNS_ADDING;
+}
+
+/* What makes @tsk impossible to move right now; tasklist_lock or RCU held. */
+static int nsm_check_task(struct task_struct *tsk,
+			  struct pid_namespace *target)
+{
+	if (tsk->flags & (PF_KTHREAD | PF_IO_WORKER))
+		return -EINVAL;
+	if (tsk->flags & PF_EXITING || tsk->exit_state ||
+	    fatal_signal_pending(tsk))
+		return -ESRCH;
+	if (is_child_reaper(task_pid(tsk)))
+		return -EINVAL;
+	if (task_active_pid_ns(tsk) == target)
+		return -EINVAL;
+	/* Not supported in this version: see kmod/README.md. */
+	if (!thread_group_empty(tsk) || !list_empty(&tsk->children) ||
+	    tsk->ptrace || !list_empty(&tsk->ptraced) || tsk->vfork_done)
+		return -EBUSY;
+	if (!nsm_target_alive(target))
+		return -ENXIO;
+	return 0;
+}
+
+/* The task that will be @tsk's parent in @target; tasklist_lock held. */
+static struct task_struct *nsm_new_parent(struct nsm_work *w)
+{
+	struct task_struct *p;
+
+	if (!w->parent)
+		return w->target->child_reaper;
+	p = pid_task(w->parent, PIDTYPE_TGID);
+	if (!p || task_active_pid_ns(p) != w->target)
+		return NULL;
+	return p;
+}
+
+/*
+ * Move @tsk's pid links, parent and session to @pid and @parent, as one
+ * step under the write side of tasklist_lock, like release_task() and
+ * setsid(). The old struct pid is freed by change_pid() once its last link
+ * is gone, which releases its numbers in the source namespaces.
+ */
+static void nsm_move_locked(struct task_struct *tsk, struct pid *pid,
+			    struct task_struct *parent)
+{
+	struct task_struct *old_parent = tsk->real_parent;
+
+	/* A waiter in the old parent rescans and finds @tsk gone. */
+	__wake_up_sync_key(&old_parent->signal->wait_chldexit,
+			   TASK_INTERRUPTIBLE, tsk);
+
+	ksym.change_pid(tsk, PIDTYPE_PID, pid);
+	tsk->pid = pid_nr(pid);
+	ksym.change_pid(tsk, PIDTYPE_TGID, pid);
+	tsk->tgid = tsk->pid;
+
+	tsk->signal->leader = 1;
+	ksym.change_pid(tsk, PIDTYPE_PGID, pid);
+	ksym.change_pid(tsk, PIDTYPE_SID, pid);
+	ksym.proc_clear_tty(tsk);
+
+	tsk->real_parent = parent;
+	tsk->parent = parent;
+	tsk->parent_exec_id = parent->self_exec_id;
+	tsk->exit_signal = SIGCHLD;
+	list_move_tail(&tsk->sibling, &parent->children);
+}
+
+/* The switch itself, in the migrating task's own context. */
+static int nsm_switch(struct nsm_work *w)
+{
+	struct task_struct *tsk = current;
+	struct task_struct *parent;
+	struct nsproxy *nsp;
+	struct pid *pid, *old;
+	int err;
+
+	w->t_start = ktime_get_ns();
+	if (tsk->flags & PF_EXITING || fatal_signal_pending(tsk))
+		return -ESRCH;
+
+	/* Same namespaces, except that children are born in the target. */
+	nsp = ksym.create_new_namespaces(0, tsk, current_user_ns(), tsk->fs);
+	if (IS_ERR(nsp))
+		return PTR_ERR(nsp);
+	put_pid_ns(nsp->pid_ns_for_children);
+	nsp->pid_ns_for_children = get_pid_ns(w->target);
+
+	pid = ksym.alloc_pid(w->target, NULL, 0);
+	if (IS_ERR(pid)) {
+		err = nsm_target_alive(w->target) ? PTR_ERR(pid) : -ENXIO;
+		goto out_nsp;
+	}
+
+	old = get_pid(task_pid(tsk));
+	write_lock_irq(ksym.tasklist_lock);
+	err = nsm_check_task(tsk, w->target);
+	if (err)
+		goto out_unlock;
+	parent = nsm_new_parent(w);
+	if (!parent || parent->flags & PF_EXITING) {
+		err = w->parent ? -ESRCH : -ENXIO;
+		goto out_unlock;
+	}
+	nsm_move_locked(tsk, pid, parent);
+	write_unlock_irq(ksym.tasklist_lock);
+
+	ksym.switch_task_namespaces(tsk, nsp);
+	ksym.proc_flush_pid(old);
+	put_pid(old);
+
+	/* libc caches its TID at this address (set_tid_address()). */
+	if (tsk->clear_child_tid)
+		put_user(task_pid_vnr(tsk), tsk->clear_child_tid);
+
+	w->new_pid = get_pid(pid);
+	return 0;
+
+out_unlock:
+	write_unlock_irq(ksym.tasklist_lock);
+	put_pid(old);
+	ksym.free_pid(pid);
+out_nsp:
+	nsm_put_nsproxy(nsp);
+	return err;
+}
+
+static void nsm_finish(struct nsm_work *w)
+{
+	w->err = nsm_switch(w);
+	w->t_done = ktime_get_ns();
+	complete(&w->done);
+}
+
+static void nsm_task_work(struct callback_head *cb)
+{
+	struct nsm_work *w = container_of(cb, struct nsm_work, cb);
+
+	if (atomic_cmpxchg(&w->state, NSM_QUEUED, NSM_RUNNING) == NSM_QUEUED)
+		nsm_finish(w);
+	nsm_work_put(w);
+	/* Taken when this work was queued: the module stays while it is. */
+	module_put(THIS_MODULE);
+}
+
+/* Queue the switch on @tsk and wait for it, bounded and interruptibly. */
+static int nsm_run_in_task(struct task_struct *tsk, struct nsm_work *w,
+			   u64 timeout_ns)
+{
+	long left;
+	int err;
+
+	if (tsk == current) {
+		nsm_finish(w);
+		return w->err;
+	}
+
+	__module_get(THIS_MODULE);
+	refcount_inc(&w->ref);
+	err = task_work_add(tsk, &w->cb, TWA_SIGNAL);
+	if (err) {
+		refcount_dec(&w->ref);
+		module_put(THIS_MODULE);
+		return -ESRCH;
+	}
+
+	left = wait_for_completion_interruptible_timeout(&w->done,
+							 nsecs_to_jiffies(timeout_ns));
+	if (left > 0)
+		return w->err;
+	/* Give up, unless the switch has started: it cannot be undone. */
+	if (atomic_cmpxchg(&w->state, NSM_QUEUED, NSM_ABANDONED) == NSM_QUEUED)
+		return left ? -EINTR : -ETIMEDOUT;
+	wait_for_completion(&w->done);
+	return w->err;
+}
+
+static struct task_struct *nsm_get_task(const struct nsmigrate_req *req)
+{
+	struct task_struct *tsk;
+	unsigned int f_flags;
+	struct pid *pid;
+
+	if (req->flags & NSMIGRATE_F_PIDFD) {
+		if (req->pid < 0)
+			return ERR_PTR(-EBADF);
+		pid = ksym.pidfd_get_pid(req->pid, &f_flags);
+		if (IS_ERR(pid))
+			return ERR_CAST(pid);
+	} else {
+		if (req->pid <= 0)
+			return ERR_PTR(-EINVAL);
+		pid = find_get_pid(req->pid);
+		if (!pid)
+			return ERR_PTR(-ESRCH);
+	}
+	tsk = get_pid_task(pid, PIDTYPE_PID);
+	/* A pidfd may name a process the caller cannot see. */
+	if (tsk && !pid_vnr(pid)) {
+		put_task_struct(tsk);
+		tsk = ERR_PTR(-EPERM);
+	}
+	put_pid(pid);
+	return tsk ? tsk : ERR_PTR(-ESRCH);
+}
+
+/* The target namespace from a /proc/PID/ns/pid fd or from a pidfd. */
+static struct pid_namespace *nsm_get_target(int fd)
+{
+	struct pid_namespace *ns = ERR_PTR(-EINVAL);
+	struct ns_common *nsc;
+	unsigned int f_flags;
+	struct file *file;
+	struct pid *pid;
+
+	if (fd < 0)
+		return ERR_PTR(-EBADF);
+	file = fget(fd);
+	if (!file)
+		return ERR_PTR(-EBADF);
+	if (file_inode(file)->i_sb->s_magic == NSFS_MAGIC) {
+		nsc = get_proc_ns(file_inode(file));
+		if (nsc->ops->type == CLONE_NEWPID)
+			ns = get_pid_ns(container_of(nsc, struct pid_namespace,
+						     ns));
+		fput(file);
+		return ns;
+	}
+	fput(file);
+
+	pid = ksym.pidfd_get_pid(fd, &f_flags);
+	if (IS_ERR(pid))
+		return ERR_PTR(-EINVAL);
+	ns = get_pid_ns(ns_of_pid(pid));
+	put_pid(pid);
+	return ns;
+}
+
+/* Refusals that need no help from the task, checked before queueing. */
+static int nsm_precheck(struct task_struct *tsk, struct pid_namespace *target)
+{
+	struct pid_namespace *src;
+	int err;
+
+	rcu_read_lock();
+	err = nsm_check_task(tsk, target);
+	src = err ? NULL : get_pid_ns(task_active_pid_ns(tsk));
+	rcu_read_unlock();
+	if (err)
+		return err;
+
+	if (!ns_capable(src->user_ns, CAP_SYS_ADMIN) ||
+	    !ns_capable(target->user_ns, CAP_SYS_ADMIN))
+		err = -EPERM;
+	/* As setns(2): the caller must see the namespace it moves into. */
+	else if (!nsm_pidns_within(target, task_active_pid_ns(current)))
+		err = -EPERM;
+	put_pid_ns(src);
+	return err;
+}
+
+static struct nsm_work *nsm_work_alloc(const struct nsmigrate_req *req,
+				       struct pid_namespace *target)
+{
+	struct nsm_work *w;
+
+	w = kzalloc(sizeof(*w), GFP_KERNEL);
+	if (!w)
+		return ERR_PTR(-ENOMEM);
+	refcount_set(&w->ref, 1);
+	atomic_set(&w->state, NSM_QUEUED);
+	init_completion(&w->done);
+	init_task_work(&w->cb, nsm_task_work);
+	w->target = get_pid_ns(target);
+	if (req->flags & NSMIGRATE_F_PARENT) {
+		w->parent = req->parent > 0 ? find_get_pid(req->parent) : NULL;
+		if (!w->parent) {
+			nsm_work_put(w);
+			return ERR_PTR(-ESRCH);
+		}
+	}
+	return w;
+}
+
+static int nsm_migrate(struct nsmigrate_req *req)
+{
+	struct pid_namespace *target;
+	struct task_struct *tsk;
+	struct nsm_work *w;
+	u64 timeout;
+	int err;
+
+	tsk = nsm_get_task(req);
+	if (IS_ERR(tsk))
+		return PTR_ERR(tsk);
+	target = nsm_get_target(req->target_fd);
+	if (IS_ERR(target)) {
+		err = PTR_ERR(target);
+		goto out_task;
+	}
+	err = nsm_precheck(tsk, target);
+	if (err)
+		goto out_target;
+	w = nsm_work_alloc(req, target);
+	if (IS_ERR(w)) {
+		err = PTR_ERR(w);
+		goto out_target;
+	}
+
+	timeout = req->timeout_ns ?: NSMIGRATE_DEFAULT_TIMEOUT_NS;
+	atomic_long_inc(&nsm_in_flight);
+	w->t_queued = ktime_get_ns();
+	err = nsm_run_in_task(tsk, w, timeout);
+	atomic_long_dec(&nsm_in_flight);
+	if (!err) {
+		req->new_pid = pid_vnr(w->new_pid);
+		req->new_pid_in_target = pid_nr_ns(w->new_pid, target);
+		req->t_queued_ns = w->t_queued;
+		req->t_switch_start_ns = w->t_start;
+		req->t_switch_done_ns = w->t_done;
+	}
+	nsm_work_put(w);
+out_target:
+	put_pid_ns(target);
+out_task:
+	put_task_struct(tsk);
+	return err;
+}
+
+static long nsm_ioctl_migrate(struct nsmigrate_req __user *ureq)
+{
+	struct nsmigrate_req req;
+	u32 size;
+	int err;
+
+	if (get_user(size, &ureq->size))
+		return -EFAULT;
+	if (size < NSMIGRATE_REQ_SIZE_VER1 || size > PAGE_SIZE)
+		return -EINVAL;
+	err = copy_struct_from_user(&req, sizeof(req), ureq, size);
+	if (err)
+		return err;
+	if (req.version != NSMIGRATE_ABI_VERSION ||
+	    req.flags & ~NSMIGRATE_F_ALL ||
+	    req.timeout_ns > NSMIGRATE_MAX_TIMEOUT_NS)
+		return -EINVAL;
+	/* Fail on an unwritable reply before anything moves, not after. */
+	if (clear_user(&ureq->new_pid, sizeof(req) -
+		       offsetof(struct nsmigrate_req, new_pid)))
+		return -EFAULT;
+
+	err = nsm_migrate(&req);
+	if (err) {
+		nsm_count_refusal(err);
+		return err;
+	}
+	atomic_long_inc(&nsm_done);
+	if (copy_to_user(ureq, &req, sizeof(req)))
+		return -EFAULT;
+	return 0;
+}
+
+static long nsm_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
+{
+	switch (cmd) {
+	case NSMIGRATE_IOC_VERSION:
+		return NSMIGRATE_ABI_VERSION;
+	case NSMIGRATE_IOC_MIGRATE:
+		return nsm_ioctl_migrate((struct nsmigrate_req __user *)arg);
+	default:
+		return -ENOTTY;
+	}
+}
+
+static const struct file_operations nsm_fops = {
+	.owner = THIS_MODULE,
+	.unlocked_ioctl = nsm_ioctl,
+	.compat_ioctl = compat_ptr_ioctl,
+};
+
+static struct miscdevice nsm_dev = {
+	.minor = MISC_DYNAMIC_MINOR,
+	.name = "nsmigrate",
+	.fops = &nsm_fops,
+	.mode = 0600,
+};
+
+static int nsm_stats_show(struct seq_file *m, void *v)
+{
+	int i;
+
+	seq_printf(m, "abi_version %d\n", NSMIGRATE_ABI_VERSION);
+	seq_printf(m, "migrations %ld\n", atomic_long_read(&nsm_done));
+	seq_printf(m, "in_flight %ld\n", atomic_long_read(&nsm_in_flight));
+	for (i = 0; i < NSM_R_MAX; i++)
+		seq_printf(m, "refused_%s %ld\n", nsm_reason_names[i],
+			   atomic_long_read(&nsm_refused[i]));
+	return 0;
+}
+
+static struct proc_dir_entry *nsm_proc;
+
+/*
+ * With indirect branch tracking on, calling a function through a pointer
+ * needs an ENDBR at its start; objtool removes it from functions that the
+ * kernel itself never calls indirectly.
+ */
+static bool nsm_ibt_callable(unsigned long addr)
+{
+#ifdef CONFIG_X86_KERNEL_IBT
+	u32 insn;
+
+	if (!cpu_feature_enabled(X86_FEATURE_IBT))
+		return true;
+	if (copy_from_kernel_nofault(&insn, (void *)addr, sizeof(insn)))
+		return false;
+	return insn == 0xfa1e0ff3;	/* endbr64 */
+#else
+	return true;
+#endif
+}
+
+static unsigned long nsm_kallsyms_lookup_name(const char *name)
+{
+	static unsigned long (*lookup)(const char *name);
+	struct kprobe kp = { .symbol_name = "kallsyms_lookup_name" };
+	unsigned long addr;
+
+	if (!lookup) {
+		if (register_kprobe(&kp) < 0)
+			return 0;
+		addr = (unsigned long)kp.addr;
+		unregister_kprobe(&kp);
+#ifdef CONFIG_X86_KERNEL_IBT
+		/* kprobes place themselves after the ENDBR. */
+		if (*(u32 *)(addr - 4) == 0xfa1e0ff3)
+			addr -= 4;
+#endif
+		lookup = (void *)addr;
+	}
+	return lookup(name);
+}
+
+static int nsm_resolve_symbols(void)
+{
+	const struct nsm_symbol *s;
+	unsigned long addr;
+
+	for (s = nsm_symbols; s < nsm_symbols + ARRAY_SIZE(nsm_symbols); s++) {
+		addr = nsm_kallsyms_lookup_name(s->name);
+		if (!addr) {
+			pr_err("kernel symbol %s not found; this kernel is not supported\n",
+			       s->name);
+			return -ENOENT;
+		}
+		if (s->is_function && !nsm_ibt_callable(addr)) {
+			pr_err("%s cannot be called indirectly on this CPU (IBT)\n",
+			       s->name);
+			return -EOPNOTSUPP;
+		}
+		*s->addr = (void *)addr;
+	}
+	return 0;
+}
+
+static int __init nsm_init(void)
+{
+	int err;
+
+	err = nsm_resolve_symbols();
+	if (err)
+		return err;
+	nsm_proc = proc_create_single("nsmigrate", 0444, NULL, nsm_stats_show);
+	if (!nsm_proc)
+		return -ENOMEM;
+	err = misc_register(&nsm_dev);
+	if (err) {
+		proc_remove(nsm_proc);
+		return err;
+	}
+	pr_info("version %s loaded (ABI %d)\n", NSM_VERSION,
+		NSMIGRATE_ABI_VERSION);
+	return 0;
+}
+
+static void __exit nsm_exit(void)
+{
+	misc_deregister(&nsm_dev);
+	proc_remove(nsm_proc);
+	pr_info("unloaded\n");
+}
+
+module_init(nsm_init);
+module_exit(nsm_exit);
+
+MODULE_LICENSE("GPL");
+MODULE_DESCRIPTION("Live migration of a process into another PID namespace");
+MODULE_VERSION(NSM_VERSION);
