@@ -1,0 +1,454 @@
+"""Read experiment run folders into tidy pandas tables and write them with provenance.
+
+Host-side only: this module imports pandas at import time, so the experiment's guest-side code
+must never import it.
+
+A run folder (written by ``nsexp run --out DIR``) holds ``hops.csv`` (one row per hop),
+``processes.csv`` (hierarchy snapshots, one per hop) and ``run.json`` (run metadata). Reading it
+gives a :class:`Run`; several runs (repeats) concatenate into tidy tables in which every row
+carries its ``run_id`` and ``repeat``, with the remaining metadata in a side table of one row per
+run (:func:`runs_table`).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+HOPS_FILE = "hops.csv"
+PROCESSES_FILE = "processes.csv"
+RUN_FILE = "run.json"
+
+#: CLOCK_MONOTONIC timestamps (ns) of each phase of a hop, in the order they happen.
+PHASE_COLUMNS: tuple[str, ...] = (
+    "request_sent",
+    "manager_received",
+    "migrate_started",
+    "kernel_done",
+    "reply_sent",
+    "resumed",
+)
+
+#: Columns every hop table has (a backend leaves phase columns empty where it lacks the phase).
+HOP_COLUMNS: tuple[str, ...] = (
+    "run_id",
+    "backend",
+    "testbed",
+    "kernel",
+    "hop",
+    "ns",
+    "value",
+    "pid",
+    "global_pid",
+    "ppid",
+    "start_time",
+    *PHASE_COLUMNS,
+    "status",
+    "error",
+)
+
+#: Columns every process-snapshot table has.
+PROCESS_COLUMNS: tuple[str, ...] = ("snapshot", "ns", "role", "pid", "global_pid", "ppid")
+
+#: Columns of the paper's hop table (see :func:`hop_table`).
+HOP_TABLE_COLUMNS: tuple[str, ...] = ("hop", "ns", "value", "pid", "runs", "agree")
+
+_INT_COLUMNS = ("hop", "value", "pid", "global_pid", "ppid", "snapshot", "repeat", *PHASE_COLUMNS)
+_STR_COLUMNS = ("run_id", "backend", "testbed", "kernel", "ns", "status", "error", "role")
+
+#: Above this many rows a table is written as Parquet rather than CSV.
+CSV_MAX_ROWS = 10_000
+
+
+@dataclass
+class Run:
+    """One run folder: its hops, its process snapshots and its metadata."""
+
+    run_id: str
+    hops: pd.DataFrame
+    processes: pd.DataFrame
+    meta: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+
+@dataclass
+class Runs:
+    """Several runs (repeats) as tidy tables: hops, processes and the ``runs`` side table."""
+
+    hops: pd.DataFrame
+    processes: pd.DataFrame
+    runs: pd.DataFrame
+    meta: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def run_ids(self) -> list[str]:
+        """Run ids in repeat order."""
+        return [str(r) for r in self.runs["run_id"]] if "run_id" in self.runs else []
+
+
+def _coerce(df: pd.DataFrame) -> pd.DataFrame:
+    """Give known columns stable dtypes: nullable integers and strings (empty cells stay NA)."""
+    df = df.copy()
+    for col in _INT_COLUMNS:
+        if col in df.columns:
+            num = pd.to_numeric(df[col], errors="coerce")
+            nonnull = num.dropna()
+            # Keep integers exact (ns timestamps exceed float precision); fall back to float
+            # only if a backend really wrote fractional values.
+            if len(nonnull) == 0 or (nonnull == nonnull.round()).all():
+                df[col] = num.astype("Int64")
+            else:
+                df[col] = num
+    if "start_time" in df.columns:
+        num = pd.to_numeric(df["start_time"], errors="coerce")
+        if num.notna().sum() == df["start_time"].notna().sum():
+            nonnull = num.dropna()
+            if len(nonnull) == 0 or (nonnull == nonnull.round()).all():
+                num = num.astype("Int64")
+            df["start_time"] = num
+    for col in _STR_COLUMNS:
+        if col in df.columns:
+            df[col] = df[col].astype("string")
+    return df
+
+
+def _ensure_columns(df: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
+    """Add missing contract columns as empty ones, and put contract columns first."""
+    df = df.copy()
+    for col in columns:
+        if col not in df.columns:
+            df[col] = pd.NA
+    rest = [c for c in df.columns if c not in columns]
+    return df[[*columns, *rest]]
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    # keep_default_na=False + na_values=[""] so that a namespace called e.g. "NA" stays a string.
+    return pd.read_csv(path, keep_default_na=False, na_values=[""])
+
+
+def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read ``run.json`` of a run folder (an empty dict if there is none)."""
+    p = Path(path) / RUN_FILE
+    if not p.exists():
+        return {}
+    with p.open() as f:
+        meta = json.load(f)
+    return meta if isinstance(meta, dict) else {"meta": meta}
+
+
+def read_run(path: str | os.PathLike[str]) -> Run:
+    """Read one run folder into a :class:`Run`.
+
+    Both tables get the run metadata in ``DataFrame.attrs["run"]``; the hop table also gets the
+    run's identity columns (run_id, backend, testbed, kernel) filled from ``run.json`` where the
+    CSV lacks them.
+    """
+    folder = Path(path)
+    hops_path = folder / HOPS_FILE
+    if not hops_path.exists():
+        raise FileNotFoundError(f"no {HOPS_FILE} in run folder {folder}")
+    meta = read_meta(folder)
+    hops = _read_csv(hops_path)
+    run_id = str(
+        meta.get("run_id")
+        or (hops["run_id"].dropna().iloc[0] if _has(hops, "run_id") else folder.name)
+    )
+    for col in ("run_id", "backend", "testbed", "kernel"):
+        default = run_id if col == "run_id" else _meta_value(meta, col)
+        if col not in hops.columns:
+            hops[col] = default
+        elif default is not None:
+            hops[col] = hops[col].fillna(default)
+    hops = _coerce(_ensure_columns(hops, HOP_COLUMNS))
+    proc_path = folder / PROCESSES_FILE
+    if proc_path.exists() and proc_path.stat().st_size > 0:
+        processes = _read_csv(proc_path)
+    else:
+        processes = pd.DataFrame(columns=list(PROCESS_COLUMNS))
+    if "run_id" not in processes.columns:
+        processes.insert(0, "run_id", run_id)
+    processes = _coerce(_ensure_columns(processes, PROCESS_COLUMNS))
+    hops.attrs["run"] = meta
+    processes.attrs["run"] = meta
+    return Run(run_id=run_id, hops=hops, processes=processes, meta=meta, path=folder)
+
+
+def _has(df: pd.DataFrame, col: str) -> bool:
+    return col in df.columns and df[col].notna().any()
+
+
+def _meta_value(meta: Mapping[str, Any], key: str) -> Any:
+    """A metadata value by name, tolerating the few spellings a run.json may use."""
+    aliases = {
+        "kernel": ("kernel", "kernel_release", "release"),
+        "code_version": ("code_version", "version", "git"),
+    }
+    for k in aliases.get(key, (key,)):
+        if meta.get(k) not in (None, ""):
+            return meta[k]
+    return None
+
+
+def _scalar(value: Any) -> Any:
+    """A value fit for one table cell: nested structures become JSON text."""
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value, sort_keys=True, default=str)
+    return value
+
+
+def runs_table(metas: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
+    """The side table: one row per run, metadata flattened (``spec.x`` for nested keys)."""
+    rows = []
+    for i, meta in enumerate(metas):
+        flat = pd.json_normalize(dict(meta), sep=".").to_dict("records")[0] if meta else {}
+        row = {"repeat": i, **{k: _scalar(v) for k, v in flat.items()}}
+        for key in ("kernel", "code_version"):
+            if key not in row and _meta_value(meta, key) is not None:
+                row[key] = _scalar(_meta_value(meta, key))
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    front = [c for c in ("repeat", "run_id", "backend", "testbed", "kernel") if c in df.columns]
+    return _coerce(df[front + [c for c in df.columns if c not in front]])
+
+
+def concat_runs(runs: Sequence[Run]) -> Runs:
+    """Concatenate runs (repeats) into tidy tables; ``repeat`` numbers them in the given order."""
+    if not runs:
+        raise ValueError("no runs to concatenate")
+    hops, procs = [], []
+    for i, run in enumerate(runs):
+        h = run.hops.copy()
+        h.insert(0, "repeat", i)
+        hops.append(h)
+        p = run.processes.copy()
+        p.insert(0, "repeat", i)
+        procs.append(p)
+    metas = [dict(r.meta, run_id=r.run_id) for r in runs]
+    all_hops = _coerce(pd.concat(hops, ignore_index=True))
+    all_procs = _coerce(pd.concat(procs, ignore_index=True))
+    # pandas keeps attrs on concat only when they agree; store the list of run metadata instead.
+    all_hops.attrs = {"runs": metas}
+    all_procs.attrs = {"runs": metas}
+    return Runs(hops=all_hops, processes=all_procs, runs=runs_table(metas), meta=metas)
+
+
+def read_runs(paths: Iterable[str | os.PathLike[str]]) -> Runs:
+    """Read several run folders and concatenate them (see :func:`concat_runs`)."""
+    return concat_runs([read_run(p) for p in paths])
+
+
+def find_run_dirs(root: str | os.PathLike[str]) -> list[Path]:
+    """Run folders (those holding ``hops.csv``) at or below ``root``, sorted by path."""
+    root = Path(root)
+    if (root / HOPS_FILE).exists():
+        return [root]
+    return sorted(p.parent for p in root.rglob(HOPS_FILE))
+
+
+def hop_table(hops: pd.DataFrame) -> pd.DataFrame:
+    """The paper's hop table: per hop the namespace, value and PID.
+
+    Over several repeats each cell is the most common value; ``runs`` counts the runs that made
+    the hop and ``agree`` those whose (ns, value, pid) equal the row's. Failed hops (a status
+    other than ok, or an error) are left out of the counts.
+    """
+    h = hops
+    if _has(h, "status"):
+        ok = h["status"].isna() | h["status"].str.lower().isin(["ok", "success", "done"])
+        h = h[ok]
+    if _has(h, "error"):
+        h = h[h["error"].isna() | (h["error"] == "")]
+    rows = []
+    for hop, g in h.groupby("hop", sort=True, dropna=True):
+        key = g[["ns", "value", "pid"]].astype("string").fillna("")
+        mode = key.value_counts().index[0]
+        agree = int((key.apply(tuple, axis=1) == tuple(mode)).sum())
+        first = g[(key.apply(tuple, axis=1) == tuple(mode))].iloc[0]
+        rows.append(
+            {
+                "hop": hop,
+                "ns": first["ns"],
+                "value": first["value"],
+                "pid": first["pid"],
+                "runs": int(g["run_id"].nunique()) if "run_id" in g else len(g),
+                "agree": agree,
+            }
+        )
+    return _coerce(pd.DataFrame(rows, columns=list(HOP_TABLE_COLUMNS)))
+
+
+def phase_durations(hops: pd.DataFrame) -> pd.DataFrame:
+    """Per hop, the duration (ms) between consecutive phases present, in long form.
+
+    Columns: run_id, hop, ns, phase (``"a -> b"``), start, end, ms. Phases a backend lacks are
+    skipped, so durations always run from one recorded timestamp to the next recorded one.
+    """
+    cols = [c for c in PHASE_COLUMNS if c in hops.columns]
+    rows = []
+    for _, row in hops.iterrows():
+        present = [c for c in cols if pd.notna(row[c])]
+        for a, b in zip(present, present[1:], strict=False):
+            rows.append(
+                {
+                    "run_id": row.get("run_id"),
+                    "hop": row["hop"],
+                    "ns": row.get("ns"),
+                    "phase": f"{a} -> {b}",
+                    "start": a,
+                    "end": b,
+                    "ms": (int(row[b]) - int(row[a])) / 1e6,
+                }
+            )
+    return pd.DataFrame(rows, columns=["run_id", "hop", "ns", "phase", "start", "end", "ms"])
+
+
+# --- writing tables with provenance --------------------------------------------------------
+
+
+def code_version(repo: str | os.PathLike[str] | None = None) -> str:
+    """``git describe --always --dirty`` of the source tree, or ``"unknown"``."""
+    cwd = Path(repo) if repo else Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--tags"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def provenance(
+    source: Runs | Sequence[Mapping[str, Any]] | None = None,
+    command: str | Sequence[str] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """Provenance of a table: command, backend, testbed, kernel, date, code version, run ids.
+
+    ``source`` is the :class:`Runs` (or the list of run metadata) the table was made from;
+    values that differ between runs are given as lists.
+    """
+    metas = source.meta if isinstance(source, Runs) else list(source or [])
+
+    def collect(key: str) -> Any:
+        vals = []
+        for m in metas:
+            v = _meta_value(m, key)
+            if v is not None and v not in vals:
+                vals.append(v)
+        return vals[0] if len(vals) == 1 else (vals or None)
+
+    if command is None:
+        command = collect("command") or sys.argv
+    if not isinstance(command, str):
+        command = " ".join(str(c) for c in command)
+    prov: dict[str, Any] = {
+        "command": command,
+        "backend": collect("backend"),
+        "testbed": collect("testbed"),
+        "kernel": collect("kernel"),
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "code_version": collect("code_version") or code_version(),
+        "run_ids": [str(m.get("run_id")) for m in metas if m.get("run_id") is not None],
+    }
+    prov.update(extra)
+    return prov
+
+
+def provenance_path(path: str | os.PathLike[str]) -> Path:
+    """The sidecar of a table file: ``<name>.provenance.json`` beside ``<name>.<ext>``."""
+    p = Path(path)
+    return p.with_name(p.name.split(".")[0] + ".provenance.json")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_table(
+    df: pd.DataFrame,
+    directory: str | os.PathLike[str],
+    name: str,
+    prov: Mapping[str, Any] | None = None,
+    fmt: str | None = None,
+) -> Path:
+    """Write ``df`` as ``directory/name.csv`` (or ``.parquet``) with its provenance sidecar.
+
+    ``fmt`` is ``"csv"``, ``"parquet"`` or None to choose by size (CSV up to
+    :data:`CSV_MAX_ROWS` rows). Returns the table's path.
+    """
+    if fmt is None:
+        fmt = "csv" if len(df) <= CSV_MAX_ROWS else "parquet"
+    if fmt not in ("csv", "parquet"):
+        raise ValueError(f"unknown table format {fmt!r}")
+    out_dir = Path(directory)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.{fmt}"
+    tmp = path.with_name(path.name + ".tmp")
+    # Write then rename, so that a reader never sees half a table.
+    if fmt == "csv":
+        df.to_csv(tmp, index=False)
+    else:
+        df.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+    side = dict(prov or provenance())
+    side.update(
+        {
+            "file": path.name,
+            "format": fmt,
+            "rows": int(len(df)),
+            "columns": [str(c) for c in df.columns],
+            "sha256": _sha256(path),
+        }
+    )
+    with provenance_path(path).open("w") as f:
+        json.dump(side, f, indent=2, sort_keys=True, default=str)
+        f.write("\n")
+    return path
+
+
+def read_table(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Read a table written by :func:`write_table` with its provenance (empty if none)."""
+    p = Path(path)
+    df = pd.read_parquet(p) if p.suffix == ".parquet" else _read_csv(p)
+    side = provenance_path(p)
+    prov = json.loads(side.read_text()) if side.exists() else {}
+    df = _coerce(df)
+    df.attrs["provenance"] = prov
+    return df, prov
+
+
+def write_runs(
+    runs: Runs,
+    directory: str | os.PathLike[str],
+    prefix: str,
+    command: str | Sequence[str] | None = None,
+) -> dict[str, Path]:
+    """Write a batch's tidy tables: ``<prefix>_hops``, ``_hop_table``, ``_processes``, ``_runs``."""
+    prov = provenance(runs, command=command)
+    tables = {
+        "hops": runs.hops,
+        "hop_table": hop_table(runs.hops),
+        "processes": runs.processes,
+        "runs": runs.runs,
+    }
+    return {k: write_table(v, directory, f"{prefix}_{k}", prov) for k, v in tables.items()}

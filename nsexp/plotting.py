@@ -1,0 +1,252 @@
+"""Figures of the chained-execution experiment, drawn with matplotlib.
+
+Host-side only (imports pandas and matplotlib). Every function takes the tidy tables of
+:mod:`nsexp.io` and returns a :class:`matplotlib.figure.Figure`; :func:`save_figure` writes it as
+PDF and PNG.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+# Without a display (batch runs, CI, papermill) use Agg; inside Jupyter keep the inline backend.
+if not os.environ.get("DISPLAY") and "MPLBACKEND" not in os.environ:
+    try:
+        import IPython  # noqa: F401
+
+        _in_kernel = IPython.get_ipython() is not None
+    except ImportError:
+        _in_kernel = False
+    if not _in_kernel:
+        matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.patches import FancyBboxPatch  # noqa: E402
+
+from nsexp import io as nio  # noqa: E402
+
+ROLE_COLORS = {
+    "worker": "#d62728",
+    "init": "#1f77b4",
+    "parent": "#7f7f7f",
+    "manager": "#9467bd",
+    "spawner": "#17becf",
+    "child": "#2ca02c",
+}
+_DEFAULT_COLOR = "#8c564b"
+
+
+def save_figure(
+    fig: Figure, path_stem: str | os.PathLike[str], formats: Sequence[str] = ("pdf", "png")
+) -> list[Path]:
+    """Save ``fig`` as ``<path_stem>.pdf`` and ``.png`` (creating folders); return the paths."""
+    stem = Path(path_stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for fmt in formats:
+        path = stem.with_name(f"{stem.name}.{fmt}")
+        # Fixed metadata keeps PDFs byte-stable between regenerations of the same data.
+        metadata = {"CreationDate": None} if fmt == "pdf" else {"Software": None}
+        fig.savefig(path, dpi=200 if fmt == "png" else None, metadata=metadata)
+        paths.append(path)
+    return paths
+
+
+def _title(hops: pd.DataFrame, what: str) -> str:
+    parts = []
+    for col in ("backend", "testbed", "kernel"):
+        if col in hops.columns:
+            vals = sorted({str(v) for v in hops[col].dropna()})
+            if vals:
+                parts.append("/".join(vals))
+    nruns = hops["run_id"].nunique() if "run_id" in hops.columns else 1
+    runs = f", {nruns} runs" if nruns > 1 else ""
+    return f"{what} ({', '.join(parts)}{runs})" if parts else what
+
+
+def plot_hop_table(hops: pd.DataFrame, title: str | None = None) -> Figure:
+    """The paper's table: namespace, value and PID at each hop.
+
+    Over repeats each row shows the most common (ns, value, pid) and how many runs agree.
+    """
+    table = nio.hop_table(hops)
+    many = bool(len(table)) and int(table["runs"].max()) > 1
+    header = ["Hop", "Namespace", "Value", "PID"] + (["Runs agreeing"] if many else [])
+    cells = []
+    for _, r in table.iterrows():
+        row = [str(r["hop"]), str(r["ns"]), _fmt(r["value"]), _fmt(r["pid"])]
+        if many:
+            row.append(f"{r['agree']}/{r['runs']}")
+        cells.append(row)
+    fig, ax = plt.subplots(figsize=(1.3 * len(header) + 1, 0.45 * (len(cells) + 1) + 0.9))
+    ax.axis("off")
+    if cells:
+        tbl = ax.table(cellText=cells, colLabels=header, loc="center", cellLoc="center")
+        tbl.auto_set_font_size(False)
+        tbl.set_fontsize(11)
+        tbl.scale(1, 1.4)
+        for (row, _col), cell in tbl.get_celld().items():
+            if row == 0:
+                cell.set_text_props(weight="bold")
+                cell.set_facecolor("#e8e8e8")
+    else:
+        ax.text(0.5, 0.5, "no successful hop", ha="center", va="center")
+    ax.set_title(title or _title(hops, "Chained execution"), fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def _fmt(v: object) -> str:
+    return "" if pd.isna(v) else str(v)
+
+
+def _ns_order(processes: pd.DataFrame, hops: pd.DataFrame | None) -> list[str]:
+    """Namespaces in a natural order: NS1, NS2, ... NS10 (numbers compared as numbers)."""
+    names = {str(n) for n in processes["ns"].dropna()}
+    if hops is not None and "ns" in hops.columns:
+        names |= {str(n) for n in hops["ns"].dropna()}
+
+    def key(name: str) -> tuple:
+        digits = "".join(ch for ch in name if ch.isdigit())
+        return (name.rstrip("0123456789"), int(digits) if digits else -1, name)
+
+    return sorted(names, key=key)
+
+
+def plot_process_trees(
+    processes: pd.DataFrame,
+    hops: pd.DataFrame | None = None,
+    run_id: str | None = None,
+    title: str | None = None,
+) -> Figure:
+    """The process hierarchy at every snapshot: one panel per hop, namespaces as columns.
+
+    Each process is a labelled node (role, PID in its namespace, global PID) inside its
+    namespace's box; the worker is highlighted. With several runs, only ``run_id`` (default:
+    the first) is drawn, since the trees of repeats are meant to be identical.
+    """
+    procs = processes
+    if "run_id" in procs.columns and procs["run_id"].notna().any():
+        run_id = run_id or str(procs["run_id"].dropna().iloc[0])
+        procs = procs[procs["run_id"] == run_id]
+        if hops is not None and "run_id" in hops.columns:
+            hops = hops[hops["run_id"] == run_id]
+    snapshots = sorted(int(s) for s in procs["snapshot"].dropna().unique())
+    namespaces = _ns_order(procs, hops)
+    if not snapshots:
+        fig, ax = plt.subplots(figsize=(5, 2))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no process snapshot recorded", ha="center", va="center")
+        return fig
+    max_rows = max(int(procs[procs["snapshot"] == s].groupby("ns").size().max()) for s in snapshots)
+    ncols = min(len(snapshots), 2) if len(snapshots) > 1 else 1
+    nrows = (len(snapshots) + ncols - 1) // ncols
+    panel_w = 1.5 * len(namespaces) + 0.4
+    panel_h = 0.55 * max_rows + 1.2
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(panel_w * ncols, panel_h * nrows + 0.6), squeeze=False
+    )
+    for ax in axes.flat[len(snapshots) :]:
+        ax.axis("off")
+    for ax, snap in zip(axes.flat, snapshots, strict=False):
+        _draw_snapshot(ax, procs[procs["snapshot"] == snap], namespaces, max_rows)
+        ax.set_title(_snapshot_title(snap, hops), fontsize=10)
+    handles = [
+        plt.Line2D([], [], marker="s", ls="", color=c, label=r)
+        for r, c in ROLE_COLORS.items()
+        if r in set(procs["role"].dropna())
+    ]
+    if handles:
+        fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False)
+    base = _title(hops, "Process tree per hop") if hops is not None else "Process tree per hop"
+    fig.suptitle(title or base, fontsize=11)
+    fig.tight_layout(rect=(0, 0.05 if handles else 0, 1, 0.96))
+    return fig
+
+
+def _snapshot_title(snap: int, hops: pd.DataFrame | None) -> str:
+    if hops is None or "hop" not in hops.columns:
+        return f"snapshot {snap}"
+    row = hops[hops["hop"] == snap]
+    if row.empty:
+        return f"snapshot {snap}"
+    r = row.iloc[0]
+    return f"hop {snap}: worker in {r['ns']} (value {_fmt(r['value'])}, PID {_fmt(r['pid'])})"
+
+
+def _draw_snapshot(ax, procs: pd.DataFrame, namespaces: list[str], max_rows: int) -> None:
+    """One panel: a box per namespace, processes stacked inside (init first, worker last)."""
+    order = {"parent": 0, "manager": 1, "init": 2, "spawner": 3, "child": 4, "worker": 5}
+    ax.set_xlim(-0.05, len(namespaces) + 0.05)
+    ax.set_ylim(-(max_rows + 0.3), 0.75)
+    ax.axis("off")
+    for i, ns in enumerate(namespaces):
+        box = FancyBboxPatch(
+            (i + 0.05, -(max_rows + 0.15)),
+            0.9,
+            max_rows + 0.6,
+            boxstyle="round,pad=0.02",
+            fc="#f4f4f4",
+            ec="#999999",
+        )
+        ax.add_patch(box)
+        ax.text(i + 0.5, 0.25, ns, ha="center", va="center", fontsize=9, weight="bold")
+        members = procs[procs["ns"] == ns].copy()
+        members["_order"] = members["role"].map(order).fillna(4)
+        members = members.sort_values(["_order", "pid"], na_position="last")
+        for j, (_, p) in enumerate(members.iterrows()):
+            role = str(p["role"]) if pd.notna(p["role"]) else "?"
+            color = ROLE_COLORS.get(role, _DEFAULT_COLOR)
+            label = f"{p['name'] if 'name' in p and pd.notna(p['name']) else role} {_fmt(p['pid'])}"
+            gpid = f" (g{_fmt(p['global_pid'])})" if pd.notna(p["global_pid"]) else ""
+            is_worker = role == "worker"
+            ax.text(
+                i + 0.5,
+                -(j + 0.5),
+                label + gpid,
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if is_worker else "black",
+                weight="bold" if is_worker else "normal",
+                bbox={
+                    "boxstyle": "round,pad=0.25",
+                    "fc": color if is_worker else "white",
+                    "ec": color,
+                    "lw": 2 if is_worker else 1,
+                },
+            )
+
+
+def plot_phase_timings(hops: pd.DataFrame, title: str | None = None) -> Figure | None:
+    """Per hop, the median duration of each phase (ms) as stacked bars; None if no timings."""
+    d = nio.phase_durations(hops)
+    if d.empty:
+        return None
+    phases = list(dict.fromkeys(d["phase"]))
+    med = d.groupby(["hop", "phase"], sort=False)["ms"].median().unstack("phase")
+    med = med.reindex(columns=phases).sort_index()
+    ns = d.groupby("hop")["ns"].first().reindex(med.index)
+    labels = [f"{h}\n{n}" for h, n in zip(med.index, ns, strict=True)]
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(med) + 3.5), 4))
+    bottom = pd.Series(0.0, index=med.index)
+    cmap = plt.get_cmap("tab10")
+    for k, phase in enumerate(phases):
+        vals = med[phase].fillna(0.0)
+        ax.bar(labels, vals, bottom=bottom, label=phase, color=cmap(k % 10))
+        bottom += vals
+    for x, total in enumerate(bottom):
+        ax.text(x, total, f"{total:.2f}", ha="center", va="bottom", fontsize=8)
+    nruns = d["run_id"].nunique()
+    ax.set_ylabel("median duration (ms)" if nruns > 1 else "duration (ms)")
+    ax.set_xlabel("hop")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.set_title(title or _title(hops, "Migration phases per hop"), fontsize=11)
+    fig.tight_layout()
+    return fig

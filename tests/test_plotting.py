@@ -1,0 +1,72 @@
+"""nsexp.plotting writes non-empty figures from small hand-made tables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pytest
+
+from nsexp import io as nio
+from nsexp import plotting
+
+try:  # tests/ may or may not be a package; the helper lives beside this file either way
+    from tests.test_io import make_run
+except ImportError:
+    from test_io import make_run
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> nio.Runs:
+    return nio.read_runs([make_run(tmp_path / f"r{i}", f"r{i}") for i in range(2)])
+
+
+def _check(paths: list[Path]) -> None:
+    assert [p.suffix for p in paths] == [".pdf", ".png"]
+    for p in paths:
+        assert p.exists() and p.stat().st_size > 1000
+
+
+def test_save_figure_creates_dirs(tmp_path: Path) -> None:
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [0, 1])
+    _check(plotting.save_figure(fig, tmp_path / "a" / "b" / "line"))
+    plt.close(fig)
+
+
+def test_hop_table_figure(tmp_path: Path, runs: nio.Runs) -> None:
+    fig = plotting.plot_hop_table(runs.hops)
+    texts = {c.get_text().get_text() for c in fig.axes[0].tables[0].get_celld().values()}
+    assert {"NS2", "100", "3", "NS5", "400", "7", "2/2"} <= texts
+    _check(plotting.save_figure(fig, tmp_path / "fig" / "hop_table"))
+    plt.close(fig)
+
+
+def test_process_trees_figure(tmp_path: Path, runs: nio.Runs) -> None:
+    fig = plotting.plot_process_trees(runs.processes, runs.hops)
+    assert len([ax for ax in fig.axes if ax.get_title()]) == 4  # one panel per snapshot
+    texts = " ".join(t.get_text() for t in fig.findobj(plt.Text))
+    assert "worker 3" in texts and "worker 7" in texts
+    _check(plotting.save_figure(fig, tmp_path / "trees"))
+    plt.close(fig)
+
+
+def test_phase_timings_figure(tmp_path: Path, runs: nio.Runs) -> None:
+    fig = plotting.plot_phase_timings(runs.hops)
+    assert fig is not None
+    _check(plotting.save_figure(fig, tmp_path / "phases"))
+    plt.close(fig)
+
+
+def test_phase_timings_absent(tmp_path: Path) -> None:
+    run = nio.read_run(make_run(tmp_path / "n", phases=False))
+    assert plotting.plot_phase_timings(run.hops) is None
+
+
+def test_empty_tables(tmp_path: Path) -> None:
+    run = nio.read_run(make_run(tmp_path / "r"))
+    fig = plotting.plot_process_trees(run.processes.iloc[0:0])
+    _check(plotting.save_figure(fig, tmp_path / "empty_tree"))
+    fig = plotting.plot_hop_table(run.hops.iloc[0:0])
+    _check(plotting.save_figure(fig, tmp_path / "empty_table"))
+    plt.close("all")
