@@ -1,0 +1,56 @@
+# nsexp: the two commands are `make run` and `make test` (see README.md).
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+NSEXP  := $(VENV)/bin/nsexp
+OUT    ?= data/runs/latest
+KERNEL ?=
+
+.PHONY: help setup test run lab figures kmod vm-shell lint format clean
+
+help:
+	@echo "make run       set up, build the module, boot the VM, run the paper's experiment ($(OUT))"
+	@echo "make test      set up, then run the whole test suite"
+	@echo "make setup     install what is missing (apt packages, .venv with all extras); idempotent"
+	@echo "make lab       JupyterLab on notebooks/ (http://127.0.0.1:8888)"
+	@echo "make figures   execute the notebooks with papermill: regenerate data/ and figures/"
+	@echo "make kmod      build kmod/nsmigrate.ko for the default kernel"
+	@echo "make vm-shell  interactive shell in the VM with the module loaded (KERNEL=<release>)"
+	@echo "make lint      ruff check + ruff format --check"
+	@echo "make clean     remove build products (build/, caches; keeps .venv and data/)"
+
+setup:
+	@bash tools/setup.sh
+
+test: setup
+	$(PY) -m pytest
+
+run: setup
+	$(NSEXP) run --backend kmod --testbed vm --out $(OUT)
+
+lab: setup
+	$(VENV)/bin/jupyter lab --ip 127.0.0.1 --no-browser --notebook-dir notebooks
+
+figures: setup
+	$(NSEXP) figures
+
+kmod:
+	$(MAKE) -C kmod
+
+vm-shell: setup
+	$(NSEXP) vm-shell $(if $(KERNEL),--kernel $(KERNEL))
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf build .pytest_cache .ruff_cache
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+	-[ -f kmod/Makefile ] && $(MAKE) -C kmod clean
