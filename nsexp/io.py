@@ -442,9 +442,13 @@ def write_runs(
     directory: str | os.PathLike[str],
     prefix: str,
     command: str | Sequence[str] | None = None,
+    **extra: Any,
 ) -> dict[str, Path]:
-    """Write a batch's tidy tables: ``<prefix>_hops``, ``_hop_table``, ``_processes``, ``_runs``."""
-    prov = provenance(runs, command=command)
+    """Write a batch's tidy tables: ``<prefix>_hops``, ``_hop_table``, ``_processes``, ``_runs``.
+
+    ``extra`` goes into every provenance sidecar (for example the notebook and its parameters).
+    """
+    prov = provenance(runs, command=command, **extra)
     tables = {
         "hops": runs.hops,
         "hop_table": hop_table(runs.hops),

@@ -8,7 +8,7 @@ PDF and PNG.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -55,6 +55,23 @@ def save_figure(
         metadata = {"CreationDate": None} if fmt == "pdf" else {"Software": None}
         fig.savefig(path, dpi=200 if fmt == "png" else None, metadata=metadata)
         paths.append(path)
+    return paths
+
+
+def save_figures(
+    figures: Mapping[str, Figure | None],
+    directory: str | os.PathLike[str],
+    prefix: str,
+    close: bool = True,
+) -> list[Path]:
+    """Save each figure as ``directory/<prefix>_<key>.{pdf,png}``; None entries are skipped."""
+    paths: list[Path] = []
+    for key, fig in figures.items():
+        if fig is None:
+            continue
+        paths += save_figure(fig, Path(directory) / f"{prefix}_{key}")
+        if close:
+            plt.close(fig)
     return paths
 
 

@@ -1,0 +1,380 @@
+"""Execute the notebooks with papermill (``nsexp figures``) and the helpers their cells call.
+
+``nsexp figures`` runs every notebook in ``notebooks/`` with papermill, keeps the executed copies
+under ``build/notebooks/`` (the sources stay free of outputs) and, with the notebooks' default
+parameters, regenerates ``data/`` and ``figures/`` from real runs.
+
+Host-side only. papermill, pandas and matplotlib are imported lazily, so that ``nsexp --help`` and
+the other subcommands do not pay for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from nsexp.io import Runs
+
+#: Jupyter kernel the notebooks declare and papermill is told to use.
+KERNEL_NAME = "python3"
+
+#: Set while ``nsexp figures`` runs, so that a notebook records the command in its provenance.
+COMMAND_ENV = "NSEXP_COMMAND"
+
+#: Layouts offered by the explorer (name -> the layout parameters of notebook 01).
+LAYOUTS: dict[str, dict[str, Any]] = {
+    "paper": {"namespaces": 4, "children": [2, 3, 4, 5], "increments": 100, "route": None},
+    "8-namespaces": {"namespaces": 8, "children": [2] * 8, "increments": 100, "route": None},
+    "10-hops-cycling": {
+        "namespaces": 4,
+        "children": [2, 3, 4, 5],
+        "increments": 100,
+        "route": "cycle:10",
+    },
+}
+LAYOUT_LABELS = {
+    "paper": "paper: NS2..NS5, children 2/3/4/5",
+    "8-namespaces": "8 namespaces, 2 children each",
+    "10-hops-cycling": "paper layout, 10 hops cycling",
+}
+
+
+def repo_root() -> Path:
+    """The source tree this package lives in (holds notebooks/, data/, figures/)."""
+    return Path(__file__).resolve().parent.parent
+
+
+def list_notebooks(
+    directory: str | os.PathLike[str] | None = None, select: Sequence[str] | None = None
+) -> list[Path]:
+    """Notebooks in ``directory`` (default ``notebooks/``), sorted by name.
+
+    ``select`` keeps those whose file name or stem equals, or starts with, one of its entries
+    (``01``, ``01_chained_execution``, ``01_chained_execution.ipynb``).
+    """
+    folder = Path(directory) if directory else repo_root() / "notebooks"
+    found = sorted(p for p in folder.glob("*.ipynb") if not p.name.startswith("."))
+    if not select:
+        return found
+    chosen = []
+    for want in select:
+        name = Path(want).name
+        hits = [p for p in found if p.name == name or p.stem == name or p.name.startswith(name)]
+        if not hits:
+            names = ", ".join(p.name for p in found) or "none"
+            raise FileNotFoundError(f"no notebook matches {want!r} in {folder} (have: {names})")
+        chosen += [p for p in hits if p not in chosen]
+    return chosen
+
+
+def default_parameters(notebook: Path, root: Path | None = None) -> dict[str, Any]:
+    """Parameters ``nsexp figures`` gives a notebook: absolute output paths under the repo.
+
+    Everything else keeps the notebook's own defaults (the paper's experiment: kmod in the VM).
+    """
+    root = root or repo_root()
+    stem = notebook.stem.split("_", 1)[-1]  # 01_chained_execution -> chained_execution
+    return {
+        "data_dir": str(root / "data"),
+        "figures_dir": str(root / "figures"),
+        "run_dir": str(root / "build" / "runs" / stem),
+    }
+
+
+def execute_notebook(
+    source: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    parameters: Mapping[str, Any] | None = None,
+    kernel_name: str = KERNEL_NAME,
+    progress: bool = True,
+    log_output: bool = False,
+    cwd: str | os.PathLike[str] | None = None,
+    timeout: float | None = None,
+) -> Path:
+    """Execute one notebook with papermill into ``output``; return the output path.
+
+    The kernel runs in ``cwd`` (default: the notebook's folder, as in JupyterLab) and finds this
+    package even when it is not installed (its source tree is put on PYTHONPATH).
+    """
+    import papermill as pm
+
+    src, out = Path(source), Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    root = str(repo_root())
+    pythonpath = os.environ.get("PYTHONPATH", "")
+    if root not in pythonpath.split(os.pathsep):
+        # The kernel inherits our environment; this makes `import nsexp` find this tree.
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (root, pythonpath) if p)
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    pm.execute_notebook(
+        str(src),
+        str(out),
+        parameters=dict(parameters or {}),
+        kernel_name=kernel_name,
+        progress_bar=progress,
+        log_output=log_output,
+        cwd=str(cwd or src.parent),
+        execution_timeout=timeout,
+    )
+    return out
+
+
+def run_notebooks(
+    select: Sequence[str] | None = None,
+    parameters: Mapping[str, Any] | None = None,
+    notebooks_dir: str | os.PathLike[str] | None = None,
+    build_dir: str | os.PathLike[str] | None = None,
+    kernel_name: str = KERNEL_NAME,
+    progress: bool = True,
+    log_output: bool = False,
+    command: str | None = None,
+) -> list[Path]:
+    """Execute the chosen notebooks in order, each with its defaults overridden by ``parameters``.
+
+    Executed copies go to ``build_dir`` (default ``build/notebooks/``). Stops at the first
+    notebook that fails (papermill's error names the cell); returns the executed copies.
+    """
+    notebooks = list_notebooks(notebooks_dir, select)
+    out_dir = Path(build_dir) if build_dir else repo_root() / "build" / "notebooks"
+    if command is not None:
+        os.environ[COMMAND_ENV] = command
+    done = []
+    for i, nb in enumerate(notebooks, 1):
+        params = {**default_parameters(nb), **dict(parameters or {})}
+        out = out_dir / nb.name
+        shown = " ".join(f"{k}={v!r}" for k, v in sorted(params.items()))
+        print(f"[{i}/{len(notebooks)}] {nb.name} -> {out}\n    parameters: {shown}", flush=True)
+        t0 = time.monotonic()
+        execute_notebook(nb, out, params, kernel_name, progress=progress, log_output=log_output)
+        print(f"[{i}/{len(notebooks)}] {nb.name} done in {time.monotonic() - t0:.1f} s", flush=True)
+        done.append(out)
+    return done
+
+
+def command_line() -> str:
+    """The command that produced this notebook's results, for provenance records."""
+    return os.environ.get(COMMAND_ENV) or " ".join(shlex.quote(a) for a in sys.argv)
+
+
+# --- helpers the notebooks' cells call -----------------------------------------------------
+
+
+def make_spec(
+    namespaces: int | Sequence[str] = 4,
+    children: Sequence[int] | None = None,
+    increments: int = 100,
+    route: str | Sequence[str] | None = None,
+) -> Any:
+    """The experiment's spec for a layout (see :data:`LAYOUTS` for the parameter shapes)."""
+    from nsexp import experiment
+
+    return experiment.make_spec(
+        namespaces=namespaces, children=children, increments=increments, route=route
+    )
+
+
+def run_batch(
+    backend: str,
+    testbed: str,
+    run_dir: str | os.PathLike[str],
+    repeats: int = 1,
+    **layout: Any,
+) -> Runs:
+    """Run the experiment ``repeats`` times into ``run_dir/<i>/`` and read the runs back."""
+    from nsexp import experiment
+    from nsexp import io as nio
+
+    spec = make_spec(**layout)
+    base = Path(run_dir)
+    dirs = [base / f"{i:03d}" for i in range(repeats)]
+    for d in dirs:
+        experiment.run(spec, backend, testbed, d)
+    return nio.read_runs(dirs)
+
+
+class Explorer:
+    """The interactive explorer of notebook 00: choose a layout and a backend, run, see results.
+
+    ``widget`` holds the controls (layout, backend, testbed, repeats, Run button) and an output
+    area that shows the hop table and the process trees of the last run. :meth:`run` does what
+    the button does, so the explorer also works headless (papermill) without any click.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike[str],
+        backend: str = "kmod",
+        testbed: str = "vm",
+        layout: str | None = None,
+        repeats: int = 1,
+    ) -> None:
+        import ipywidgets as w
+
+        self.run_dir = Path(run_dir)
+        self.runs: Runs | None = None
+        self.layout = w.Dropdown(
+            options=[(LAYOUT_LABELS.get(k, k), k) for k in LAYOUTS],
+            value=layout or next(iter(LAYOUTS)),
+            description="layout",
+        )
+        self.backend = w.Dropdown(
+            options=["kmod", "restart", "criu"], value=backend, description="backend"
+        )
+        self.testbed = w.Dropdown(options=["vm", "native"], value=testbed, description="testbed")
+        self.repeats = w.BoundedIntText(value=repeats, min=1, max=100, description="repeats")
+        self.button = w.Button(description="Run", button_style="primary", icon="play")
+        self.status = w.HTML("ready")
+        self.output = w.Output()
+        self.button.on_click(lambda _b: self.run())
+        self.widget = w.VBox(
+            [
+                w.HBox([self.layout, self.backend]),
+                w.HBox([self.testbed, self.repeats, self.button]),
+                self.status,
+                self.output,
+            ]
+        )
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        display(self.widget)
+
+    def run(self) -> Runs | None:
+        """Run the chosen experiment into a fresh folder under ``run_dir``, then show it."""
+        from IPython.display import display
+
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        folder = self.run_dir / f"{stamp}-{self.backend.value}-{self.testbed.value}"
+        self.button.disabled = True
+        self.status.value = f"running {self.backend.value} on {self.testbed.value} ..."
+        t0 = time.monotonic()
+        try:
+            runs = run_batch(
+                self.backend.value,
+                self.testbed.value,
+                folder,
+                repeats=self.repeats.value,
+                **LAYOUTS[self.layout.value],
+            )
+        except Exception as exc:  # shown in the widget; the kernel stays usable
+            self.status.value = f"<b>failed</b>: {type(exc).__name__}: {exc}"
+            return None
+        finally:
+            self.button.disabled = False
+        self.runs = runs
+        self.status.value = f"done in {time.monotonic() - t0:.1f} s: {folder}"
+        with self.output:
+            self.output.clear_output(wait=True)
+            show_runs(runs, display)
+        return runs
+
+
+def show_runs(runs: Runs, display: Any = None) -> None:
+    """Display the hop table, the process trees and (if recorded) the phase timings."""
+    import matplotlib.pyplot as plt
+
+    from nsexp import io as nio
+    from nsexp import plotting
+
+    if display is None:
+        from IPython.display import display
+    display(nio.hop_table(runs.hops))
+    for fig in (
+        plotting.plot_process_trees(runs.processes, runs.hops),
+        plotting.plot_phase_timings(runs.hops),
+    ):
+        if fig is not None:
+            display(fig)
+            plt.close(fig)
+
+
+# --- CLI -----------------------------------------------------------------------------------
+
+
+def _parse_value(text: str) -> Any:
+    """A -p value: JSON where it parses (numbers, lists, null, true), else the plain string."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _figures(args: argparse.Namespace) -> int:
+    params = iter_parameters(args.parameter or [])
+    try:
+        notebooks = list_notebooks(args.notebooks_dir, args.notebook)
+    except FileNotFoundError as exc:
+        print(f"nsexp figures: {exc}", file=sys.stderr)
+        return 2
+    if not notebooks:
+        print("nsexp figures: no notebook found", file=sys.stderr)
+        return 2
+    if args.list:
+        for nb in notebooks:
+            print(nb)
+        return 0
+    command = "nsexp " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    try:
+        run_notebooks(
+            select=[str(nb) for nb in notebooks],
+            parameters=params,
+            notebooks_dir=args.notebooks_dir,
+            build_dir=args.build_dir,
+            kernel_name=args.kernel,
+            progress=not args.no_progress,
+            log_output=args.log_output,
+            command=command,
+        )
+    except Exception as exc:  # papermill's PapermillExecutionError names the failing cell
+        print(f"nsexp figures: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``nsexp figures``."""
+    p = subparsers.add_parser(
+        "figures",
+        help="execute the notebooks with papermill: regenerate data/ and figures/",
+        description=(
+            "Execute every notebook in notebooks/ with papermill (executed copies in "
+            "build/notebooks/). With the notebooks' default parameters this runs the paper's "
+            "experiment and regenerates data/ and figures/."
+        ),
+    )
+    p.add_argument(
+        "-p",
+        "--parameter",
+        nargs=2,
+        action="append",
+        metavar=("KEY", "VALUE"),
+        help="notebook parameter (VALUE as JSON if it parses, else text); repeatable",
+    )
+    p.add_argument(
+        "-n",
+        "--notebook",
+        action="append",
+        metavar="NAME",
+        help="only this notebook (name, stem or prefix such as 01); repeatable",
+    )
+    p.add_argument("--notebooks-dir", type=Path, default=None, help="default: notebooks/")
+    p.add_argument("--build-dir", type=Path, default=None, help="default: build/notebooks/")
+    p.add_argument("--kernel", default=KERNEL_NAME, help=f"Jupyter kernel (default {KERNEL_NAME})")
+    p.add_argument("--log-output", action="store_true", help="stream the cells' output")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--list", action="store_true", help="list the notebooks and exit")
+    p.set_defaults(func=_figures)
+
+
+def iter_parameters(pairs: Iterable[tuple[str, str]]) -> dict[str, Any]:
+    """``-p KEY VALUE`` pairs as a parameter dict (values parsed as in the CLI)."""
+    return {k: _parse_value(v) for k, v in pairs}

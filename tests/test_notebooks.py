@@ -1,0 +1,221 @@
+"""The notebooks: committed clean, executable with papermill, writing what they promise.
+
+The execution tests run the real experiment natively with the restart backend (root, seconds) on
+small parameters; one VM test runs notebook 01 with the kernel module.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import pytest
+
+from nsexp import io as nio
+from nsexp import notebooks as nb
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+PAPER = [("NS2", 100, 3), ("NS3", 200, 5), ("NS4", 300, 6), ("NS5", 400, 7)]
+TABLES = ("hops", "hop_table", "processes", "runs")
+
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0, reason="the experiment creates PID namespaces: needs root"
+)
+
+
+@pytest.fixture(autouse=True)
+def _restore_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    # nsexp.notebooks sets these for the kernels it starts; keep them out of other tests.
+    for var in ("PYTHONPATH", nb.COMMAND_ENV, "MPLBACKEND"):
+        if var in os.environ:
+            monkeypatch.setenv(var, os.environ[var])
+        else:
+            monkeypatch.delenv(var, raising=False)
+
+
+def test_notebooks_present() -> None:
+    names = [p.name for p in NOTEBOOKS]
+    assert "00_explore.ipynb" in names and "01_chained_execution.ipynb" in names
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_committed_notebook_is_clean(path: Path) -> None:
+    """Source notebooks: no outputs or execution counts, one parameters cell, kernel python3."""
+    notebook = nbformat.read(path, as_version=4)
+    nbformat.validate(notebook)
+    assert notebook.metadata.kernelspec.name == nb.KERNEL_NAME
+    dirty = [
+        i
+        for i, cell in enumerate(notebook.cells)
+        if cell.cell_type == "code" and (cell.outputs or cell.execution_count is not None)
+    ]
+    assert not dirty, f"{path.name}: cells {dirty} have outputs; clear them before committing"
+    tagged = [c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1, f"{path.name}: needs exactly one cell tagged 'parameters'"
+
+
+def test_parameters_cells_declare_outputs() -> None:
+    cell = _parameters_source(ROOT / "notebooks" / "01_chained_execution.ipynb")
+    for name in ("backend", "testbed", "namespaces", "children", "increments", "route"):
+        assert f"{name} = " in cell
+    for name in ("repeats", "data_dir", "figures_dir", "run_dir"):
+        assert f"{name} = " in cell
+    cell = _parameters_source(ROOT / "notebooks" / "00_explore.ipynb")
+    for name in ("backend", "testbed", "layout", "run_dir", "autorun"):
+        assert f"{name} = " in cell
+
+
+def _parameters_source(path: Path) -> str:
+    notebook = nbformat.read(path, as_version=4)
+    return next(c.source for c in notebook.cells if "parameters" in c.metadata.get("tags", []))
+
+
+def test_list_notebooks_select() -> None:
+    assert nb.list_notebooks() == NOTEBOOKS
+    assert [p.name for p in nb.list_notebooks(select=["01"])] == ["01_chained_execution.ipynb"]
+    assert [p.name for p in nb.list_notebooks(select=["00_explore.ipynb", "01"])] == [
+        "00_explore.ipynb",
+        "01_chained_execution.ipynb",
+    ]
+    with pytest.raises(FileNotFoundError):
+        nb.list_notebooks(select=["99"])
+
+
+def test_parameter_values_parse() -> None:
+    params = nb.iter_parameters(
+        [("repeats", "2"), ("children", "[1, 2]"), ("route", "null"), ("backend", "restart")]
+    )
+    assert params == {"repeats": 2, "children": [1, 2], "route": None, "backend": "restart"}
+
+
+def test_default_parameters_point_into_repo() -> None:
+    params = nb.default_parameters(ROOT / "notebooks" / "01_chained_execution.ipynb")
+    assert params["data_dir"] == str(nb.repo_root() / "data")
+    assert params["figures_dir"] == str(nb.repo_root() / "figures")
+    assert params["run_dir"].startswith(str(nb.repo_root() / "build"))
+
+
+def test_cli_figures_list(capsys: pytest.CaptureFixture[str]) -> None:
+    from nsexp import cli
+
+    assert cli.main(["figures", "--list"]) == 0
+    assert "01_chained_execution.ipynb" in capsys.readouterr().out
+    assert cli.main(["figures", "--list", "-n", "nope"]) == 2
+
+
+def _small_params(tmp_path: Path, backend: str, testbed: str) -> dict[str, object]:
+    return {
+        "backend": backend,
+        "testbed": testbed,
+        "repeats": 1,
+        "data_dir": str(tmp_path / "data"),
+        "figures_dir": str(tmp_path / "figures"),
+        "run_dir": str(tmp_path / "runs"),
+        "name": "chained",
+    }
+
+
+def _check_chained_outputs(tmp_path: Path, backend: str) -> pd.DataFrame:
+    """The tables and figures notebook 01 promises; returns the hop table."""
+    data, figures = tmp_path / "data", tmp_path / "figures"
+    expected_columns = {
+        "hops": set(nio.HOP_COLUMNS) | {"repeat"},
+        "hop_table": set(nio.HOP_TABLE_COLUMNS),
+        "processes": set(nio.PROCESS_COLUMNS) | {"run_id", "repeat"},
+        "runs": {"repeat", "run_id", "backend", "testbed"},
+    }
+    for table in TABLES:
+        path = data / f"chained_{table}.csv"
+        assert path.exists() and path.stat().st_size > 0, path
+        df, prov = nio.read_table(path)
+        assert expected_columns[table] <= set(df.columns), (table, list(df.columns))
+        assert len(df) > 0, table
+        assert prov["backend"] == backend and prov["run_ids"]
+        for key in ("command", "testbed", "kernel", "date", "code_version"):
+            assert prov.get(key), (table, key)
+    for fig in ("hop_table", "process_trees"):
+        for ext in ("pdf", "png"):
+            path = figures / f"chained_{fig}.{ext}"
+            assert path.exists() and path.stat().st_size > 1000, path
+    return nio.read_table(data / "chained_hop_table.csv")[0]
+
+
+@needs_root
+def test_notebook_01_restart_native(tmp_path: Path) -> None:
+    """`nsexp figures -n 01` with the restart backend natively: paper values and PIDs."""
+    from nsexp import cli
+
+    args = ["figures", "-n", "01", "--build-dir", str(tmp_path / "build"), "--no-progress"]
+    for key, value in _small_params(tmp_path, "restart", "native").items():
+        args += ["-p", key, str(value)]
+    assert cli.main(args) == 0
+    executed = tmp_path / "build" / "01_chained_execution.ipynb"
+    assert executed.exists()
+    table = _check_chained_outputs(tmp_path, "restart")
+    assert [tuple(r) for r in table[["ns", "value", "pid"]].itertuples(index=False)] == PAPER
+    hops = nio.read_table(tmp_path / "data" / "chained_hops.csv")[0]
+    # restart makes a new process at each hop: its start time changes.
+    assert hops["start_time"].nunique() == len(hops)
+
+
+@needs_root
+def test_notebook_00_explore_headless(tmp_path: Path) -> None:
+    """The explorer runs under papermill: widgets display, autorun writes a run folder."""
+    out = tmp_path / "00_explore.ipynb"
+    nb.execute_notebook(
+        ROOT / "notebooks" / "00_explore.ipynb",
+        out,
+        {
+            "backend": "restart",
+            "testbed": "native",
+            "run_dir": str(tmp_path / "runs"),
+            "autorun": True,
+        },
+        progress=False,
+    )
+    executed = nbformat.read(out, as_version=4)
+    mimes = {
+        k
+        for c in executed.cells
+        if c.cell_type == "code"
+        for o in c.outputs
+        for k in o.get("data", {})
+    }
+    assert "application/vnd.jupyter.widget-view+json" in mimes
+    assert "image/png" in mimes  # the static view of the last run
+    runs = nio.find_run_dirs(tmp_path / "runs")
+    assert runs, "autorun wrote no run folder"
+    hops = nio.read_runs(runs).hops
+    assert hops["value"].tolist() == [100, 200, 300, 400]
+
+
+@needs_root
+def test_notebook_00_explore_no_autorun(tmp_path: Path) -> None:
+    """Headless without autorun the explorer only displays its controls and runs nothing."""
+    out = tmp_path / "00_explore.ipynb"
+    nb.execute_notebook(
+        ROOT / "notebooks" / "00_explore.ipynb",
+        out,
+        {"run_dir": str(tmp_path / "runs")},
+        progress=False,
+    )
+    assert out.exists() and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.vm
+def test_notebook_01_kmod_vm(tmp_path: Path) -> None:
+    """Notebook 01 with the kernel module in the VM: the paper's table, one process throughout."""
+    nb.execute_notebook(
+        ROOT / "notebooks" / "01_chained_execution.ipynb",
+        tmp_path / "01_chained_execution.ipynb",
+        _small_params(tmp_path, "kmod", "vm"),
+        progress=False,
+    )
+    table = _check_chained_outputs(tmp_path, "kmod")
+    assert [tuple(r) for r in table[["ns", "value", "pid"]].itertuples(index=False)] == PAPER
+    hops = nio.read_table(tmp_path / "data" / "chained_hops.csv")[0]
+    assert hops["start_time"].nunique() == 1  # the same process at every hop
+    assert (tmp_path / "figures" / "chained_phase_timings.pdf").exists()
