@@ -1,0 +1,28 @@
+"""Shared fixtures.
+
+VM prerequisites are never skipped silently: if one is missing, the VM tests fail with the
+testbed's message, which names the fix (CI installs everything through `make setup`).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from nsexp.testbed import TestbedError, VMTestbed, _vm_processes
+
+
+@pytest.fixture(scope="session")
+def vm_testbed() -> VMTestbed:
+    """The VM testbed on the default kernel (or $NSEXP_KERNEL), with its prerequisites checked
+    (module loading not required)."""
+    try:
+        tb = VMTestbed()
+        tb.check(load_module=False)
+    except TestbedError as e:
+        pytest.fail(f"VM testbed unavailable: {e}", pytrace=False)
+    return tb
+
+
+def vm_processes(marker: str) -> list[int]:
+    """vng/virtme/qemu processes whose command line mentions ``marker`` (a run's out_dir)."""
+    return _vm_processes(marker)

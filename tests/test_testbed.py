@@ -1,0 +1,286 @@
+"""The testbeds: kernel discovery, the kernel-log scan, error messages, the native testbed, and
+two VM boots (one batch of commands; one boot killed by its timeout)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import vm_processes
+
+from nsexp import testbed as tb
+from nsexp.testbed import (
+    BatchResult,
+    NativeTestbed,
+    TestbedError,
+    VMTestbed,
+    available_kernels,
+    default_kernel,
+    get_testbed,
+    kernel_log_problems,
+)
+
+# --------------------------------------------------------------------------------------------
+# kernel log scan
+# --------------------------------------------------------------------------------------------
+
+BAD_LINES = [
+    "[   12.345678] BUG: unable to handle page fault for address: ffffffffc0a01000",
+    "[   12.3] BUG kmalloc-64 (Tainted: G           O      ): Object already free",
+    "[    3.1] WARNING: CPU: 1 PID: 245 at kernel/pid.c:123 free_pid+0x20/0x80",
+    "[    3.2] Oops: 0000 [#1] PREEMPT SMP NOPTI",
+    "[    3.3] refcount_t: underflow; use-after-free.",
+    "[    3.4] kmemleak: 2 new suspected memory leaks (see /sys/kernel/debug/kmemleak)",
+    "[    3.5] WARNING: possible circular locking dependency detected",
+    "[    3.6] INFO: task python3:123 blocked for more than 120 seconds.",
+    "[    3.7] list_add corruption. prev->next should be next (ffff8880), but was 0000.",
+    "[    3.8] list_del corruption, ffff888003a1c0c8->next is LIST_POISON1 (dead000000000100)",
+    "[    3.9] general protection fault, probably for non-canonical address 0xdead: 0000 [#1]",
+    "[    4.0] Call Trace:",
+    "[    4.1] Kernel panic - not syncing: Fatal exception",
+]
+
+GOOD_LINES = [
+    "[    0.000000] Linux version 6.1.0-56-amd64 (debian-kernel@lists.debian.org)",
+    "[    0.512] nsmigrate: loaded, /dev/nsmigrate ready",
+    "[    0.600] virtio_net virtio0 enp0s3: renamed from eth0",
+    "[    0.700] RETBleed: WARNING: Spectre v2 mitigation leaves CPU vulnerable to RETBleed "
+    "attacks, data leaks possible!",
+    "[    0.800] kmemleak: Kernel memory leak detector disabled",
+    "[    0.900] Spectre V1 : Mitigation: usercopy/swapgs barriers and __user pointer sanitization",
+]
+
+
+@pytest.mark.parametrize("line", BAD_LINES)
+def test_kernel_log_problems_finds_each_kind(line):
+    assert kernel_log_problems(line) == [line.strip()]
+
+
+def test_kernel_log_problems_ignores_healthy_lines():
+    assert kernel_log_problems("\n".join(GOOD_LINES)) == []
+
+
+def test_kernel_log_problems_in_a_mixed_log_keeps_order():
+    log = "\n".join([GOOD_LINES[0], BAD_LINES[2], GOOD_LINES[1], BAD_LINES[11], GOOD_LINES[2]])
+    assert kernel_log_problems(log) == [BAD_LINES[2], BAD_LINES[11]]
+    res = BatchResult("vm", "r", Path("."), [], log, False, None, "")
+    assert res.kernel_log_problems() == [BAD_LINES[2], BAD_LINES[11]]
+
+
+# --------------------------------------------------------------------------------------------
+# kernels, errors that name the fix
+# --------------------------------------------------------------------------------------------
+
+
+def test_version_order_puts_612_after_61():
+    rels = ["6.12.117+deb12-amd64", "6.1.0-56-amd64", "6.12.9+deb12-amd64", "6.1.0-9-amd64"]
+    assert sorted(rels, key=tb._version_key) == [
+        "6.1.0-9-amd64",
+        "6.1.0-56-amd64",
+        "6.12.9+deb12-amd64",
+        "6.12.117+deb12-amd64",
+    ]
+
+
+def test_available_kernels_have_image_and_headers():
+    kernels = available_kernels()
+    assert kernels, "no kernel with headers: `make setup` installs linux-image/headers-amd64"
+    for rel in kernels:
+        assert Path(f"/boot/vmlinuz-{rel}").exists()
+        assert tb.kernel_headers_dir(rel) is not None
+    assert default_kernel() == kernels[-1]
+
+
+def test_nonexistent_kernel_release_is_named():
+    with pytest.raises(TestbedError) as e:
+        VMTestbed("0.0.0-nsexp-nonexistent")
+    msg = str(e.value)
+    assert "0.0.0-nsexp-nonexistent" in msg
+    assert "apt-get install linux-image-0.0.0-nsexp-nonexistent" in msg
+
+
+def test_build_module_without_headers_names_the_package():
+    with pytest.raises(TestbedError, match=r"apt-get install linux-headers-0\.0\.0-nope"):
+        tb.build_module("0.0.0-nope")
+
+
+def test_missing_qemu_names_the_fix(monkeypatch):
+    t = VMTestbed()
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(TestbedError, match=r"qemu-system-x86"):
+        t.check(load_module=False)
+
+
+def test_missing_vng_names_the_fix(monkeypatch, tmp_path):
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(TestbedError, match=r"make setup"):
+        tb.find_vng()
+
+
+def test_get_testbed():
+    assert isinstance(get_testbed("native"), NativeTestbed)
+    assert get_testbed("native").name == "native"
+    assert isinstance(get_testbed("vm"), VMTestbed)
+    with pytest.raises(TestbedError, match="vm, native"):
+        get_testbed("cloud")
+
+
+def test_bad_env_name_is_refused(tmp_path):
+    with pytest.raises(TestbedError, match="invalid environment variable"):
+        NativeTestbed().run_batch(["true"], load_module=False, env={"A B": "x"}, out_dir=tmp_path)
+
+
+# --------------------------------------------------------------------------------------------
+# native testbed (this host: the module can never be loaded here)
+# --------------------------------------------------------------------------------------------
+
+
+def test_native_without_device_refuses_with_the_fix(tmp_path):
+    native = NativeTestbed(device=str(tmp_path / "nsmigrate"))
+    with pytest.raises(TestbedError) as e:
+        native.run_batch(["true"], out_dir=tmp_path / "out")
+    msg = str(e.value)
+    assert "--testbed vm" in msg and "DKMS" in msg and "kmod/dkms.conf" in msg
+
+
+@pytest.mark.skipif(os.path.exists("/dev/nsmigrate"), reason="the module is loaded on this host")
+def test_native_default_device_is_dev_nsmigrate(tmp_path):
+    with pytest.raises(TestbedError, match="/dev/nsmigrate"):
+        NativeTestbed().run_batch(["true"], out_dir=tmp_path)
+
+
+def test_native_batch_runs_commands(tmp_path):
+    native = NativeTestbed()
+    res = native.run_batch(
+        [
+            'python3 -c \'import os, sys; open(os.environ["NSEXP_OUT"] + "/x.txt", "w")'
+            '.write("42"); sys.exit(5)\'',
+            'echo "$NSEXP_TESTBED $MYVAR"; echo oops >&2; pwd',
+            "sleep 30",
+            "echo after",
+        ],
+        out_dir=tmp_path,
+        load_module=False,
+        command_timeout=2,
+        env={"MYVAR": "hello world"},
+    )
+    assert res.testbed == "native" and res.kernel_release == os.uname().release
+    r0, r1, r2, r3 = res.results
+    assert r0.returncode == 5 and not r0.timed_out
+    assert (tmp_path / "x.txt").read_text() == "42"
+    assert r1.returncode == 0
+    assert r1.stdout.splitlines() == ["native hello world", str(tb.REPO_ROOT)]
+    assert r1.stderr == "oops\n"
+    assert r2.timed_out and r2.returncode is None and 1.5 < r2.duration_s < 15
+    assert r3.stdout == "after\n" and r3.ok
+    assert res.module_loaded is False and res.module_unloaded is None
+
+
+def test_native_whole_batch_timeout(tmp_path):
+    marker = f"sleep 77.{os.getpid()}"
+    t0 = time.monotonic()
+    with pytest.raises(TestbedError, match="timed out") as e:
+        NativeTestbed().run_batch(["true", marker], out_dir=tmp_path, load_module=False, timeout=2)
+    assert time.monotonic() - t0 < 15
+    assert [r.returncode for r in e.value.result.results] == [0, None]
+    left = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True)
+    assert left.stdout == ""
+
+
+# --------------------------------------------------------------------------------------------
+# VM: two boots in this file
+# --------------------------------------------------------------------------------------------
+
+VM_COMMANDS = [
+    # 0: Python in the guest writes a file into the shared folder and exits with a chosen status
+    'python3 -c \'import os, sys; p = os.path.join(os.environ["NSEXP_OUT"], "inside.txt"); '
+    'open(p, "w").write("written in " + os.uname().release); sys.exit(7)\'',
+    # 1: environment, stdout/stderr, guest python is the plain distribution one
+    'echo "$NSEXP_TESTBED|$MYVAR|$PWD"; python3 -c "import sys; print(sys.prefix)"; echo e >&2',
+    # 2: overruns its per-command timeout
+    "sleep 600",
+    # 3: the batch goes on after a timed-out command
+    "echo after; uname -r",
+]
+VM_COMMAND_TIMEOUT = 20
+
+
+@pytest.fixture(scope="module")
+def vm_batch(vm_testbed) -> BatchResult:
+    """One boot of the default kernel carrying the whole batch (module not loaded: the module
+    may not be built yet; its own tests load it)."""
+    res = vm_testbed.run_batch(
+        VM_COMMANDS,
+        timeout=600,
+        command_timeout=VM_COMMAND_TIMEOUT,
+        load_module=False,
+        env={"MYVAR": "a b'c"},
+    )
+    return res
+
+
+@pytest.mark.vm
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+class TestVMBatch:
+    def test_exit_status_and_file_written_inside(self, vm_batch, vm_testbed):
+        r = vm_batch.results[0]
+        assert r.returncode == 7, r
+        assert not r.timed_out
+        text = (vm_batch.out_dir / "inside.txt").read_text()
+        assert text == f"written in {vm_testbed.kernel_release()}"
+
+    def test_kernel_release_is_the_booted_one(self, vm_batch, vm_testbed):
+        assert vm_batch.testbed == "vm"
+        assert vm_batch.kernel_release == vm_testbed.kernel_release()
+        assert vm_batch.results[3].stdout == f"after\n{vm_testbed.kernel_release()}\n"
+        # the host is never the guest: the host runs its own kernel
+        assert vm_batch.out_dir.is_relative_to(tb.VM_RUNS_DIR)
+
+    def test_environment_and_streams(self, vm_batch):
+        r = vm_batch.results[1]
+        lines = r.stdout.splitlines()
+        assert lines[0] == f"vm|a b'c|{tb.REPO_ROOT}"
+        assert lines[1] == "/usr"  # the distribution's python3, standard library only
+        assert r.stderr == "e\n"
+
+    def test_command_timeout(self, vm_batch):
+        r = vm_batch.results[2]
+        assert r.timed_out, r
+        assert VM_COMMAND_TIMEOUT * 0.9 <= r.duration_s < VM_COMMAND_TIMEOUT + 15
+        assert vm_batch.results[3].ok
+
+    def test_kernel_log(self, vm_batch):
+        assert "Linux version" in vm_batch.dmesg
+        assert vm_testbed_release_in(vm_batch)
+        assert vm_batch.kernel_log_problems() == []
+        assert vm_batch.module_loaded is False and vm_batch.module_unloaded is None
+        assert (vm_batch.out_dir / "console.log").exists()
+
+    def test_no_qemu_left(self, vm_batch):
+        assert vm_processes(str(vm_batch.out_dir)) == []
+
+
+def vm_testbed_release_in(res: BatchResult) -> bool:
+    return f"Linux version {res.kernel_release}" in res.dmesg
+
+
+@pytest.mark.vm
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_vm_boot_timeout_kills_qemu(vm_testbed, tmp_path):
+    out = tmp_path / "vm-timeout"
+    t0 = time.monotonic()
+    with pytest.raises(TestbedError, match="timed out after 5 s") as e:
+        vm_testbed.run_batch(["sleep 600"], out_dir=out, timeout=5, load_module=False)
+    assert time.monotonic() - t0 < 60
+    assert str(out) in str(e.value) or "console.log" in str(e.value)
+    # nothing of that boot survives: no vng, virtme-run or qemu naming its folder
+    assert vm_processes(str(out)) == []
+    ps = subprocess.run(["pgrep", "-af", "qemu-system"], capture_output=True, text=True)
+    assert str(out) not in ps.stdout
