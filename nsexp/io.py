@@ -29,11 +29,14 @@ HOPS_FILE = "hops.csv"
 PROCESSES_FILE = "processes.csv"
 RUN_FILE = "run.json"
 
-#: CLOCK_MONOTONIC timestamps (ns) of each phase of a hop, in the order they happen.
+#: CLOCK_MONOTONIC timestamps (ns) of the migration that brought the worker to a hop (empty on
+#: hop 0 and where a backend lacks the phase). Mirrors nsexp.worker.TIMING_COLUMNS.
 PHASE_COLUMNS: tuple[str, ...] = (
     "request_sent",
     "manager_received",
     "migrate_started",
+    "kernel_queued",
+    "kernel_switch_started",
     "kernel_done",
     "reply_sent",
     "resumed",
@@ -289,15 +292,16 @@ def hop_table(hops: pd.DataFrame) -> pd.DataFrame:
 
 
 def phase_durations(hops: pd.DataFrame) -> pd.DataFrame:
-    """Per hop, the duration (ms) between consecutive phases present, in long form.
+    """Per hop, the duration (ms) between consecutive recorded phases, in long form.
 
     Columns: run_id, hop, ns, phase (``"a -> b"``), start, end, ms. Phases a backend lacks are
-    skipped, so durations always run from one recorded timestamp to the next recorded one.
+    skipped, and phases are taken in the order their timestamps say (a backend may, e.g., reply
+    before the successor starts), so every duration runs from one timestamp to the next.
     """
     cols = [c for c in PHASE_COLUMNS if c in hops.columns]
     rows = []
     for _, row in hops.iterrows():
-        present = [c for c in cols if pd.notna(row[c])]
+        present = sorted((c for c in cols if pd.notna(row[c])), key=lambda c: int(row[c]))
         for a, b in zip(present, present[1:], strict=False):
             rows.append(
                 {

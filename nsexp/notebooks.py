@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from nsexp.experiment import LayoutSpec
     from nsexp.io import Runs
 
 #: Jupyter kernel the notebooks declare and papermill is told to use.
@@ -29,21 +30,19 @@ KERNEL_NAME = "python3"
 #: Set while ``nsexp figures`` runs, so that a notebook records the command in its provenance.
 COMMAND_ENV = "NSEXP_COMMAND"
 
-#: Layouts offered by the explorer (name -> the layout parameters of notebook 01).
+#: Layouts offered by the explorer (name -> the layout parameters of notebook 01, those of
+#: nsexp.experiment.LayoutSpec.make).
 LAYOUTS: dict[str, dict[str, Any]] = {
-    "paper": {"namespaces": 4, "children": [2, 3, 4, 5], "increments": 100, "route": None},
-    "8-namespaces": {"namespaces": 8, "children": [2] * 8, "increments": 100, "route": None},
-    "10-hops-cycling": {
-        "namespaces": 4,
-        "children": [2, 3, 4, 5],
-        "increments": 100,
-        "route": "cycle:10",
-    },
+    "paper": {"namespaces": 4, "children": [2, 3, 4, 5], "increments": 100},
+    "8-namespaces": {"namespaces": 8, "children": [2, 3, 4, 5, 2, 3, 4, 5], "increments": 100},
+    "10-hops-cycling": {"namespaces": 4, "children": [2, 3, 4, 5], "increments": 100, "hops": 10},
+    "quick": {"namespaces": 2, "children": [2, 2], "increments": 10},
 }
 LAYOUT_LABELS = {
-    "paper": "paper: NS2..NS5, children 2/3/4/5",
-    "8-namespaces": "8 namespaces, 2 children each",
+    "paper": "paper: NS2..NS5, children 2/3/4/5, 3 hops",
+    "8-namespaces": "8 namespaces, one pass (7 hops)",
     "10-hops-cycling": "paper layout, 10 hops cycling",
+    "quick": "2 namespaces, 1 hop",
 }
 
 
@@ -113,7 +112,6 @@ def execute_notebook(
     if root not in pythonpath.split(os.pathsep):
         # The kernel inherits our environment; this makes `import nsexp` find this tree.
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (root, pythonpath) if p)
-    os.environ.setdefault("MPLBACKEND", "Agg")
     pm.execute_notebook(
         str(src),
         str(out),
@@ -168,16 +166,17 @@ def command_line() -> str:
 
 
 def make_spec(
-    namespaces: int | Sequence[str] = 4,
+    namespaces: int | Sequence[str] | None = None,
     children: Sequence[int] | None = None,
     increments: int = 100,
-    route: str | Sequence[str] | None = None,
-) -> Any:
-    """The experiment's spec for a layout (see :data:`LAYOUTS` for the parameter shapes)."""
-    from nsexp import experiment
+    route: Sequence[str] | None = None,
+    hops: int | None = None,
+) -> LayoutSpec:
+    """The experiment's layout from the notebook's parameters (None: the paper's pattern)."""
+    from nsexp.experiment import LayoutSpec
 
-    return experiment.make_spec(
-        namespaces=namespaces, children=children, increments=increments, route=route
+    return LayoutSpec.make(
+        namespaces=namespaces, children=children, increments=increments, route=route, hops=hops
     )
 
 
@@ -186,17 +185,30 @@ def run_batch(
     testbed: str,
     run_dir: str | os.PathLike[str],
     repeats: int = 1,
+    echo: bool = False,
     **layout: Any,
 ) -> Runs:
-    """Run the experiment ``repeats`` times into ``run_dir/<i>/`` and read the runs back."""
+    """Run the experiment ``repeats`` times into ``run_dir/<i>/`` and read the runs back.
+
+    A failed run is kept (its rows say why) and reported on stderr; the notebook shows it.
+    """
     from nsexp import experiment
     from nsexp import io as nio
 
     spec = make_spec(**layout)
+    # run.json records the command; in a kernel sys.argv is only the kernel launcher.
+    command = shlex.split(os.environ[COMMAND_ENV]) if os.environ.get(COMMAND_ENV) else None
     base = Path(run_dir)
     dirs = [base / f"{i:03d}" for i in range(repeats)]
-    for d in dirs:
-        experiment.run(spec, backend, testbed, d)
+    for i, d in enumerate(dirs):
+        t0 = time.monotonic()
+        result = experiment.run(spec, backend, testbed, d, echo=echo, command=command)
+        state = "ok" if result.ok else f"FAILED: {result.error}"
+        print(
+            f"run {i + 1}/{repeats} {result.run_id}: {state} ({time.monotonic() - t0:.1f} s)",
+            file=sys.stdout if result.ok else sys.stderr,
+            flush=True,
+        )
     return nio.read_runs(dirs)
 
 
@@ -322,7 +334,13 @@ def _figures(args: argparse.Namespace) -> int:
         for nb in notebooks:
             print(nb)
         return 0
-    command = "nsexp " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    # Rebuilt from the parsed options: sys.argv is not ours when main() is called in-process.
+    words = ["nsexp", "figures"]
+    for name in args.notebook or []:
+        words += ["-n", name]
+    for key, value in args.parameter or []:
+        words += ["-p", key, value]
+    command = shlex.join(words)
     try:
         run_notebooks(
             select=[str(nb) for nb in notebooks],

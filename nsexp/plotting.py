@@ -262,7 +262,7 @@ def plot_phase_timings(hops: pd.DataFrame, title: str | None = None) -> Figure |
         ax.text(x, total, f"{total:.2f}", ha="center", va="bottom", fontsize=8)
     nruns = d["run_id"].nunique()
     ax.set_ylabel("median duration (ms)" if nruns > 1 else "duration (ms)")
-    ax.set_xlabel("hop")
+    ax.set_xlabel("hop (the migration into that namespace)")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set_title(title or _title(hops, "Migration phases per hop"), fontsize=11)
     fig.tight_layout()

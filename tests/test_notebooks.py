@@ -59,7 +59,7 @@ def test_committed_notebook_is_clean(path: Path) -> None:
 
 def test_parameters_cells_declare_outputs() -> None:
     cell = _parameters_source(ROOT / "notebooks" / "01_chained_execution.ipynb")
-    for name in ("backend", "testbed", "namespaces", "children", "increments", "route"):
+    for name in ("backend", "testbed", "namespaces", "children", "increments", "route", "hops"):
         assert f"{name} = " in cell
     for name in ("repeats", "data_dir", "figures_dir", "run_dir"):
         assert f"{name} = " in cell
