@@ -413,11 +413,16 @@ def _run_native(
         hierarchy.stop()
         signal.signal(signal.SIGTERM, old_term)
     ended = dt.datetime.now(dt.UTC)
+    namespaces = {
+        name: {"init_pid": ns.init_pid, "inode": ns.inode}
+        for name, ns in hierarchy.namespaces.items()
+    }
     result = _assemble(
         out,
         spec,
         cfg,
         snapshots,
+        namespaces=namespaces,
         error=error,
         started=started,
         ended=ended,
@@ -465,6 +470,7 @@ def _assemble(
     cfg: WorkerConfig,
     snapshots: list[dict[str, Any]],
     *,
+    namespaces: dict[str, dict[str, int]],
     error: str | None,
     started: dt.datetime,
     ended: dt.datetime,
@@ -485,6 +491,7 @@ def _assemble(
         "code_version": code_version(),
         "spec": spec.to_dict(),
         "expected": {"pids": predict_pids(spec), "values": predict_values(spec)},
+        "namespaces": namespaces,
         "started": started.isoformat(timespec="milliseconds"),
         "ended": ended.isoformat(timespec="milliseconds"),
         "duration_s": round((ended - started).total_seconds(), 3),

@@ -109,3 +109,23 @@ def pids_in_namespaces(inodes: set[int]) -> list[int]:
         except OSError:
             continue  # exited meanwhile
     return found
+
+
+def processes_named(prefix: str = "nsexp-") -> list[int]:
+    """Global pids of live, non-zombie processes whose comm starts with ``prefix``.
+
+    The hierarchy names its processes nsexp-init-NS, nsexp-child-NS and nsexp-worker, so this
+    finds anything a run left behind.
+    """
+    found = []
+    for pid in all_pids():
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+        state = stat[stat.rindex(")") + 2 :].split(None, 1)[0]
+        if comm.startswith(prefix) and state != "Z":
+            found.append(pid)
+    return found

@@ -1,0 +1,369 @@
+"""The manager: bad input, identity, policy, concurrency, dying clients, a dying manager."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import struct
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from nsexp import nsutil, protocol
+from nsexp.backends import Backend, Namespace, Peer
+from nsexp.backends.restart import ManagerSide as Restart
+from nsexp.client import Client, ManagerError, ManagerUnavailable
+from nsexp.hierarchy import Hierarchy, NamespacePlan
+from nsexp.manager import Manager
+
+
+@pytest.fixture(autouse=True)
+def no_children_left():
+    yield
+    try:
+        pid, _ = os.waitpid(-1, os.WNOHANG)
+    except ChildProcessError:
+        return
+    pytest.fail(f"the test left a child process behind (waitpid gave {pid})")
+
+
+def wait_for(cond, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+class Echo(Backend):
+    """Migrates nothing: answers with what it saw; sleeps for targets listed in ``slow``."""
+
+    name = "echo"
+
+    def __init__(self, slow: dict[str, float] | None = None, entered: Path | None = None):
+        self.slow = slow or {}
+        self.entered = entered
+        self.calls = 0
+
+    def migrate(self, peer: Peer, target: Namespace, request):
+        self.calls += 1
+        if self.entered is not None:
+            with open(self.entered, "a") as f:
+                f.write(f"{peer.pid}\n")
+        time.sleep(self.slow.get(target.name, 0.0))
+        return {"pid": peer.pid_in_ns, "global_pid": peer.pid, "timings": {}}
+
+
+def in_ns(ns: Namespace, fn) -> int:
+    """Fork a process into ``ns`` (setns + fork) running ``fn``; returns its global pid."""
+    own = os.open("/proc/self/ns/pid", os.O_RDONLY)
+    nsutil.setns(ns.fd, nsutil.CLONE_NEWPID)
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            fn()
+        except BaseException:  # noqa: BLE001
+            code = 1
+        os._exit(code)
+    nsutil.setns(own, nsutil.CLONE_NEWPID)
+    os.close(own)
+    return pid
+
+
+def request_to_file(path: str, out: Path, target: str, **fields):
+    """Body of a client process: one migrate request, outcome written to ``out``."""
+
+    def run():
+        try:
+            reply = Client(path).migrate(target, **fields)
+            result = {"ok": True, "reply": reply}
+        except ManagerError as exc:
+            result = {"ok": False, "code": exc.code, "kind": type(exc).__name__}
+        result["pid"] = os.getpid()
+        out.write_text(json.dumps(result))
+
+    return run
+
+
+def raw_exchange(path: str, data: bytes, shutdown: bool = False) -> dict | None:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(5)
+    s.connect(path)
+    s.sendall(data)
+    if shutdown:
+        s.shutdown(socket.SHUT_WR)
+    try:
+        return protocol.recv_msg(s)
+    except protocol.ConnectionClosed:
+        return None
+    finally:
+        s.close()
+
+
+@pytest.fixture
+def sock(tmp_path):
+    return str(tmp_path / "m.sock")
+
+
+@pytest.fixture
+def three_ns():
+    h = Hierarchy([NamespacePlan("A", 0), NamespacePlan("B", 0), NamespacePlan("C", 0)])
+    with h:
+        yield h
+
+
+def test_bad_input_gets_error_replies_and_service_goes_on(sock, three_ns, caplog):
+    caplog.set_level(logging.INFO, "nsexp.manager")
+    with Manager(sock, Echo(), three_ns.namespaces, [("A", "B")]):
+        frame = protocol.encode
+        cases = [
+            (struct.pack(">I", 9) + b"not json!", "malformed"),
+            (struct.pack(">I", protocol.MAX_FRAME + 1), "too_large"),
+            (frame({"v": 2, "op": "ping"}), "version"),
+            (frame({"op": "dance"}), "unknown_op"),
+            (frame({"op": "record", "record": [1]}), "bad_request"),
+            (frame({"op": "migrate", "target": "Nowhere"}), "unknown_namespace"),
+            (frame({"op": "migrate", "target": 7}), "unknown_namespace"),
+            # This test process lives in the global namespace, which is not registered.
+            (frame({"op": "migrate", "target": "B"}), "unknown_source"),
+        ]
+        for data, code in cases:
+            reply = raw_exchange(sock, data)
+            assert reply is not None and reply["ok"] is False, code
+            assert reply["error"]["code"] == code
+        # Still serving, and the identity comes from SO_PEERCRED, not from the request.
+        pong = Client(sock).request({"op": "ping", "pid": 1, "global_pid": 1})
+        assert pong["global_pid"] == os.getpid() and pong["ns"] is None
+    text = caplog.text
+    assert "bad frame (malformed)" in text and "bad frame (too_large)" in text
+    assert "unknown op" in text and "refused" in text
+
+
+def test_disconnect_mid_request_and_silent_client(sock, three_ns, caplog):
+    caplog.set_level(logging.INFO, "nsexp.manager")
+    with Manager(sock, Echo(), three_ns.namespaces, read_timeout=0.5):
+        body = protocol.encode({"op": "ping"})
+        assert raw_exchange(sock, body[:7], shutdown=True) is None  # half a frame, then EOF
+        assert raw_exchange(sock, b"", shutdown=True) is None  # nothing at all, then EOF
+        silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        silent.settimeout(5)
+        silent.connect(sock)
+        t0 = time.monotonic()
+        # While the silent client holds its connection, others are served at once.
+        assert Client(sock, timeout=2).ping()["ok"]
+        assert time.monotonic() - t0 < 0.4
+        reply = protocol.recv_msg(silent)
+        silent.close()
+        assert reply["error"]["code"] == "timeout"
+        assert 0.4 < time.monotonic() - t0 < 3
+        assert Client(sock).ping()["ok"]
+    assert "in the middle of a frame" in caplog.text
+    assert "sent no request" in caplog.text
+
+
+def test_identity_and_route_policy(sock, three_ns, tmp_path):
+    ns = three_ns.namespaces
+    with Manager(sock, Echo(), ns, [("A", "B")]):
+        outs = {k: tmp_path / f"{k}.json" for k in ("ping", "ok", "forbidden", "same")}
+
+        def ping():
+            outs["ping"].write_text(json.dumps({**Client(sock).ping(), "me": os.getpid()}))
+
+        pids = [
+            in_ns(ns["A"], ping),
+            in_ns(ns["A"], request_to_file(sock, outs["ok"], "B", pid=99999)),
+            in_ns(ns["A"], request_to_file(sock, outs["forbidden"], "C")),
+            in_ns(ns["A"], request_to_file(sock, outs["same"], "A")),
+        ]
+        for pid in pids:
+            os.waitpid(pid, 0)
+        p = json.loads(outs["ping"].read_text())
+        assert p["ns"] == "A" and p["pid"] == p["me"] and p["global_pid"] in pids
+        ok = json.loads(outs["ok"].read_text())
+        assert ok["ok"] and ok["reply"]["pid"] == ok["pid"]  # not the 99999 it claimed
+        assert json.loads(outs["forbidden"].read_text())["code"] == "forbidden_route"
+        assert json.loads(outs["same"].read_text())["code"] == "same_namespace"
+
+
+def test_socket_mode_group_and_stale_socket(tmp_path, three_ns):
+    path = str(tmp_path / "sub" / "m.sock")
+    with Manager(path, Echo(), three_ns.namespaces):
+        st = os.stat(path)
+        assert oct(st.st_mode & 0o777) == oct(0o600)
+        with pytest.raises(FileExistsError, match="already listens"):
+            Manager(path, Echo(), three_ns.namespaces).bind()
+    assert not os.path.exists(path)
+    # A socket left by a dead manager is replaced; a regular file is not touched.
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(path)
+    dead.close()
+    with Manager(path, Echo(), three_ns.namespaces, group=0):
+        st = os.stat(path)
+        assert oct(st.st_mode & 0o777) == oct(0o660) and st.st_gid == 0
+        assert Client(path).ping()["ok"]
+    Path(path).write_text("not a socket")
+    with pytest.raises(FileExistsError, match="not a socket"):
+        Manager(path, Echo(), three_ns.namespaces).bind()
+
+
+def test_slow_migration_does_not_block_others(sock, three_ns, tmp_path):
+    ns = three_ns.namespaces
+    with Manager(sock, Echo(slow={"B": 1.5}), ns):
+        slow = in_ns(ns["A"], request_to_file(sock, tmp_path / "slow.json", "B"))
+        time.sleep(0.2)
+        t0 = time.monotonic()
+        fast = in_ns(ns["A"], request_to_file(sock, tmp_path / "fast.json", "C"))
+        os.waitpid(fast, 0)
+        assert time.monotonic() - t0 < 1.0
+        assert json.loads((tmp_path / "fast.json").read_text())["ok"]
+        assert not (tmp_path / "slow.json").exists()
+        os.waitpid(slow, 0)
+        assert json.loads((tmp_path / "slow.json").read_text())["ok"]
+
+
+def test_client_killed_mid_migration(sock, three_ns, tmp_path):
+    ns = three_ns.namespaces
+    entered = tmp_path / "entered"
+    failures = []
+    manager = Manager(
+        sock,
+        Echo(slow={"B": 1.0}, entered=entered),
+        ns,
+        on_failure=lambda peer, req, exc: failures.append((peer.pid, exc.code)),
+    )
+    with manager:
+        victim = in_ns(ns["A"], request_to_file(sock, tmp_path / "victim.json", "B"))
+        assert wait_for(entered.exists)
+        os.kill(victim, signal.SIGKILL)
+        os.waitpid(victim, 0)
+        assert wait_for(lambda: failures, 5)
+        assert failures == [(victim, "client_gone")]
+        ok = in_ns(ns["A"], request_to_file(sock, tmp_path / "after.json", "C"))
+        os.waitpid(ok, 0)
+        assert json.loads((tmp_path / "after.json").read_text())["ok"]
+    assert not (tmp_path / "victim.json").exists()
+
+
+N_CLIENTS = 64
+
+
+def test_64_concurrent_clients_restart(sock, tmp_path):
+    def client(i: int):
+        def run():
+            Client(sock).migrate(
+                "B", entry="land", state={"i": i}, request_sent=time.monotonic_ns()
+            )
+
+        return run
+
+    def land(payload):
+        me = nsutil.self_info()
+        out = {"i": payload["state"]["i"], "pid": os.getpid(), "inode": me.ns_inode}
+        (tmp_path / f"land-{out['i']}.json").write_text(json.dumps(out))
+
+    h = Hierarchy(
+        [
+            NamespacePlan("A", N_CLIENTS, {i: client(i) for i in range(N_CLIENTS)}),
+            NamespacePlan("B", 0),
+        ],
+        entries={"land": land},
+    )
+    with h, Manager(sock, Restart(), h.namespaces, [("A", "B")]) as manager:
+        t0 = time.monotonic()
+        h.go()
+        done = lambda: len(list(tmp_path.glob("land-*.json"))) == N_CLIENTS  # noqa: E731
+        assert wait_for(done, 30), f"{len(list(tmp_path.glob('land-*')))} landed"
+        elapsed = time.monotonic() - t0
+        landed = [json.loads(p.read_text()) for p in tmp_path.glob("land-*.json")]
+        assert sorted(x["i"] for x in landed) == list(range(N_CLIENTS))
+        # Every successor was forked by B's init: B's next free PIDs, in B.
+        assert sorted(x["pid"] for x in landed) == list(range(2, N_CLIENTS + 2))
+        assert {x["inode"] for x in landed} == {h.namespaces["B"].inode}
+        assert manager.served == N_CLIENTS
+        # The old processes exited and were reaped by A's init; successors by B's.
+        assert wait_for(lambda: len(h.live_pids()) == 2)
+        inodes = set(h.inodes)
+    assert elapsed < 20
+    assert nsutil.pids_in_namespaces(inodes) == []
+
+
+def _serve_in_child(sock: str, backend: Backend, registry) -> int:
+    pid = os.fork()
+    if pid == 0:
+        try:
+            Manager(sock, backend, registry).serve_forever()
+        finally:
+            os._exit(0)
+    return pid
+
+
+def test_manager_killed_then_restarted(sock, tmp_path):
+    waiting = 4
+    entered = tmp_path / "entered"
+
+    def land(payload):
+        (tmp_path / "landed.json").write_text(json.dumps({"pid": os.getpid()}))
+
+    h = Hierarchy(
+        [
+            NamespacePlan(
+                "A",
+                waiting,
+                {i: request_to_file(sock, tmp_path / f"w{i}.json", "B") for i in range(waiting)},
+            ),
+            NamespacePlan("B", 0),
+        ],
+        entries={"land": land},
+    )
+    with h:
+        manager_pid = _serve_in_child(sock, Echo(slow={"B": 60}, entered=entered), h.namespaces)
+        try:
+            assert wait_for(lambda: os.path.exists(sock))
+            h.go()
+            assert wait_for(lambda: entered.exists() and len(entered.read_text().split()) == 4)
+        finally:
+            os.kill(manager_pid, signal.SIGKILL)
+            os.waitpid(manager_pid, 0)
+        outs = [tmp_path / f"w{i}.json" for i in range(waiting)]
+        assert wait_for(lambda: all(p.exists() for p in outs))
+        for p in outs:
+            r = json.loads(p.read_text())
+            assert r["ok"] is False and r["code"] == "manager_gone"
+            assert r["kind"] == ManagerUnavailable.__name__
+        assert os.path.exists(sock)  # the killed manager could not clean up
+        with pytest.raises(ManagerUnavailable):
+            Client(sock).ping()
+        # A new manager takes over the stale socket; migrations work again.
+        with Manager(sock, Restart(), h.namespaces, [("A", "B")]):
+            c = in_ns(
+                h.namespaces["A"],
+                request_to_file(sock, tmp_path / "again.json", "B", entry="land", state={}),
+            )
+            os.waitpid(c, 0)
+            assert json.loads((tmp_path / "again.json").read_text())["ok"]
+            assert wait_for((tmp_path / "landed.json").exists)
+            assert json.loads((tmp_path / "landed.json").read_text())["pid"] == 2
+        # The clients that got the error exited; nothing of theirs is left in A.
+        assert wait_for(lambda: len(h.live_pids()) == 2)
+
+
+def test_concurrent_pings_from_threads(sock, three_ns):
+    with Manager(sock, Echo(), three_ns.namespaces):
+        results = []
+
+        def hit():
+            results.append(Client(sock, timeout=5).ping()["global_pid"])
+
+        threads = [threading.Thread(target=hit) for _ in range(32)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert results == [os.getpid()] * 32
