@@ -17,6 +17,7 @@ This module is imported inside the guest too: standard library only.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import re
 import shlex
@@ -200,9 +201,29 @@ def module_path(release: str) -> Path:
     return BUILD_DIR / "kmod" / release / f"{MODULE_NAME}.ko"
 
 
+def _module_sources() -> list[Path]:
+    return [f for f in KMOD_DIR.iterdir() if f.is_file() and f.suffix in (".c", ".h", "")]
+
+
+def module_is_stale(release: str) -> bool:
+    """True if the module for ``release`` is missing or older than a source file in kmod/."""
+    ko = module_path(release)
+    if not ko.exists():
+        return True
+    built = ko.stat().st_mtime
+    return any(f.stat().st_mtime > built for f in _module_sources())
+
+
+def ensure_module(release: str) -> Path:
+    """The module for ``release``, (re)built if it is missing or older than its sources."""
+    if module_is_stale(release):
+        return build_module(release)
+    return module_path(release)
+
+
 def build_module(release: str) -> Path:
     """Build the module for ``release`` (``make -C kmod release KREL=<release>``) and return
-    ``build/kmod/<release>/nsmigrate.ko``."""
+    ``build/kmod/<release>/nsmigrate.ko``. Builds for one release are serialized by a lock."""
     if kernel_headers_dir(release) is None:
         raise TestbedError(
             f"cannot build the module for {release}: its headers are not installed: "
@@ -216,16 +237,20 @@ def build_module(release: str) -> Path:
     if shutil.which("make") is None or shutil.which("gcc") is None:
         raise TestbedError("cannot build the module: make/gcc missing: run `make setup`")
     cmd = ["make", "-C", str(KMOD_DIR), "release", f"KREL={release}"]
-    proc = subprocess.run(
-        cmd, cwd=REPO_ROOT, stdin=subprocess.DEVNULL, capture_output=True, text=True
-    )
     ko = module_path(release)
+    (BUILD_DIR / "kmod").mkdir(parents=True, exist_ok=True)
+    with open(BUILD_DIR / "kmod" / f".lock-{release}", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        proc = subprocess.run(
+            cmd, cwd=REPO_ROOT, stdin=subprocess.DEVNULL, capture_output=True, text=True
+        )
     if proc.returncode != 0 or not ko.exists():
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
         raise TestbedError(
             f"building the module for {release} failed (`{shlex.join(cmd)}` exited "
             f"{proc.returncode}{'' if ko.exists() else f', no {ko}'}):\n{tail}"
         )
+    ko.touch()  # kbuild may leave an up-to-date .ko untouched: mark it as checked now
     return ko
 
 
@@ -484,8 +509,8 @@ class VMTestbed(Testbed):
         commands = list(commands)
         env = self._check_env(env)
         vng = self.check(load_module=load_module)
-        if load_module and not module_path(self.kernel).exists():
-            build_module(self.kernel)
+        if load_module:
+            ensure_module(self.kernel)
         out_dir = self._prepare_out_dir(out_dir)
         meta = out_dir / META_DIR
         script = meta / "guest.sh"
@@ -602,8 +627,8 @@ class VMTestbed(Testbed):
         """An interactive shell in the VM (with the module loaded); returns vng's exit status."""
         vng = self.check(load_module=load_module)
         ko = module_path(self.kernel)
-        if load_module and not ko.exists():
-            build_module(self.kernel)
+        if load_module:
+            ensure_module(self.kernel)
         rc_dir = BUILD_DIR / "vm-shell"
         rc_dir.mkdir(parents=True, exist_ok=True)
         rcfile = rc_dir / "bashrc"
