@@ -624,28 +624,43 @@ class VMTestbed(Testbed):
         )
 
     def shell(self, *, load_module: bool = True) -> int:
-        """An interactive shell in the VM (with the module loaded); returns vng's exit status."""
+        """An interactive shell in the VM (with the module loaded); returns vng's exit status.
+
+        vng's own interactive console (a real tty with job control) runs a wrapper given as the
+        user's shell: it loads the module, then execs bash with a small rc file."""
         vng = self.check(load_module=load_module)
-        ko = module_path(self.kernel)
-        if load_module:
-            ensure_module(self.kernel)
-        rc_dir = BUILD_DIR / "vm-shell"
-        rc_dir.mkdir(parents=True, exist_ok=True)
-        rcfile = rc_dir / "bashrc"
-        lines = [
-            f"export PATH={shlex.quote(GUEST_PATH)}",
-            f"export PYTHONPATH={shlex.quote(str(REPO_ROOT))}",
-            "export NSEXP_TESTBED=vm",
-            f"cd {shlex.quote(str(REPO_ROOT))}",
-        ]
-        if load_module:
+        ko = ensure_module(self.kernel) if load_module else None
+        d = BUILD_DIR / "vm-shell" / self.kernel
+        d.mkdir(parents=True, exist_ok=True)
+        q = shlex.quote
+        rcfile = d / "bashrc"
+        rcfile.write_text(
+            "\n".join(
+                [
+                    f"export PATH={q(GUEST_PATH)}",
+                    f"export PYTHONPATH={q(str(REPO_ROOT))}",
+                    "export NSEXP_TESTBED=vm",
+                    f"cd {q(str(REPO_ROOT))}",
+                    f"PS1='[nsexp-vm {self.kernel}] \\w# '",
+                ]
+            )
+            + "\n"
+        )
+        wrapper = d / "shell.sh"
+        lines = ["#!/bin/bash"]
+        if ko is not None:
             lines += [
-                f"insmod {shlex.quote(str(ko))} && echo 'nsexp: {MODULE_NAME} loaded "
-                f"({DEVICE_PATH})' || echo 'nsexp: insmod failed'",
+                f"if insmod {q(str(ko))}; then",
+                f"  echo 'nsexp: {MODULE_NAME} loaded ({DEVICE_PATH}); "
+                f"rmmod {MODULE_NAME} unloads it'",
+                "else",
+                f"  echo 'nsexp: insmod {ko.name} failed (see dmesg)'",
+                "fi",
             ]
-        lines += [f"PS1='[nsexp-vm {self.kernel}] \\w# '"]
-        rcfile.write_text("\n".join(lines) + "\n")
-        cmd = self.vng_command(vng, exec_=f"bash --rcfile {shlex.quote(str(rcfile))} -i")
+        lines += [f"exec /bin/bash --rcfile {q(str(rcfile))} -i"]
+        wrapper.write_text("\n".join(lines) + "\n")
+        wrapper.chmod(0o755)
+        cmd = self.vng_command(vng) + ["--shell", str(wrapper)]
         try:
             return subprocess.call(cmd, cwd=REPO_ROOT, env=self._vng_env(vng))
         except KeyboardInterrupt:
