@@ -217,16 +217,21 @@ static int nsm_check_task(struct task_struct *tsk,
 }
 
 /* The task that will be @tsk's parent in @target; tasklist_lock held. */
-static struct task_struct *nsm_new_parent(struct nsm_work *w)
+static int nsm_new_parent(struct nsm_work *w, struct task_struct **parent)
 {
-	struct task_struct *p;
+	struct task_struct *p = w->target->child_reaper;
 
-	if (!w->parent)
-		return w->target->child_reaper;
-	p = pid_task(w->parent, PIDTYPE_TGID);
-	if (!p || task_active_pid_ns(p) != w->target)
-		return NULL;
-	return p;
+	if (w->parent) {
+		p = pid_task(w->parent, PIDTYPE_TGID);
+		if (!p || p->flags & PF_EXITING)
+			return -ESRCH;
+		if (task_active_pid_ns(p) != w->target)
+			return -EINVAL;
+	}
+	if (!p || p->flags & PF_EXITING)
+		return -ENXIO;
+	*parent = p;
+	return 0;
 }
 
 /*
@@ -292,11 +297,9 @@ static int nsm_switch(struct nsm_work *w)
 	err = nsm_check_task(tsk, w->target);
 	if (err)
 		goto out_unlock;
-	parent = nsm_new_parent(w);
-	if (!parent || parent->flags & PF_EXITING) {
-		err = w->parent ? -ESRCH : -ENXIO;
+	err = nsm_new_parent(w, &parent);
+	if (err)
 		goto out_unlock;
-	}
 	nsm_move_locked(tsk, pid, parent);
 	write_unlock_irq(ksym.tasklist_lock);
 

@@ -1,0 +1,144 @@
+"""Drive the nsmigrate kernel module: move a live process into another PID namespace.
+
+``__migrate`` is the low-level call the manager makes; ``migrate`` is the public one.
+Standard library only: this runs inside the VM testbed.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from dataclasses import dataclass
+
+from nsexp import uapi
+
+# Why the kernel refused, in the words of DESIGN.md's migration semantics.
+_HINTS = {
+    errno.ESRCH: "no such process, or it exited before the switch",
+    errno.EINVAL: "a kernel thread, a namespace init, already in the target namespace, "
+    "or the target is not a PID namespace",
+    errno.EPERM: "needs CAP_SYS_ADMIN over both namespaces, and the target namespace must be "
+    "visible from the caller's",
+    errno.EBUSY: "not supported in ABI v1: a multi-threaded process, one with children, "
+    "one being traced or tracing, or a vfork child",
+    errno.ENXIO: "the target namespace's init has died",
+    errno.ETIMEDOUT: "the process did not reach a safe point in time "
+    "(stopped, or in uninterruptible sleep); it was left as it was",
+    errno.EINTR: "interrupted while waiting; the process was left as it was",
+    errno.EBADF: "not an open file descriptor",
+}
+
+
+@dataclass(frozen=True)
+class Migration:
+    """The result of one migration, as the kernel reported it."""
+
+    pid: int  # the new PID in the target namespace
+    global_pid: int  # the new PID as the caller sees it
+    t_queued_ns: int  # CLOCK_MONOTONIC: the switch was queued on the process
+    t_switch_start_ns: int  # the process started switching, in its own context
+    t_switch_done_ns: int  # the switch was complete
+
+    @property
+    def switch_ns(self) -> int:
+        """Time the process spent switching, in its own context."""
+        return self.t_switch_done_ns - self.t_switch_start_ns
+
+
+_device_fd: int | None = None
+
+
+def _device() -> int:
+    global _device_fd
+    if _device_fd is None:
+        try:
+            _device_fd = os.open(uapi.DEVICE, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                errno.ENOENT,
+                f"{uapi.DEVICE} does not exist: the nsmigrate module is not loaded "
+                "(use the vm testbed, or install kmod/ with DKMS)",
+            ) from None
+    return _device_fd
+
+
+def abi_version() -> int:
+    """The ABI version of the loaded module."""
+    return fcntl.ioctl(_device(), uapi.IOC_VERSION)
+
+
+def __migrate(
+    pid: int,
+    target_fd: int,
+    *,
+    flags: int = 0,
+    parent: int = 0,
+    timeout_ns: int = 0,
+) -> Migration:
+    """One NSMIGRATE_IOC_MIGRATE call: move process ``pid`` into the namespace of ``target_fd``.
+
+    ``target_fd`` is an open /proc/PID/ns/pid file or a pidfd of a process in the target.
+    Raises OSError (ProcessLookupError, PermissionError, ...) with the kernel's errno.
+    """
+    req = uapi.NsmigrateReq(
+        size=uapi.REQ_SIZE_VER1,
+        version=uapi.ABI_VERSION,
+        flags=flags,
+        pid=pid,
+        target_fd=target_fd,
+        parent=parent,
+        timeout_ns=timeout_ns,
+    )
+    buf = bytearray(req)
+    try:
+        fcntl.ioctl(_device(), uapi.IOC_MIGRATE, buf, True)
+    except OSError as e:
+        what = f"pidfd {pid}" if flags & uapi.F_PIDFD else f"process {pid}"
+        hint = _HINTS.get(e.errno, "")
+        raise OSError(
+            e.errno,
+            f"cannot migrate {what} into namespace fd {target_fd} ({_describe_fd(target_fd)}): "
+            f"{os.strerror(e.errno)}" + (f": {hint}" if hint else ""),
+        ) from None
+    out = uapi.NsmigrateReq.from_buffer(buf)
+    return Migration(
+        pid=out.new_pid_in_target,
+        global_pid=out.new_pid,
+        t_queued_ns=out.t_queued_ns,
+        t_switch_start_ns=out.t_switch_start_ns,
+        t_switch_done_ns=out.t_switch_done_ns,
+    )
+
+
+def _describe_fd(fd: int) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return "not open"
+
+
+def migrate(
+    pid: int,
+    target: str | os.PathLike[str] | int,
+    *,
+    pidfd: bool = False,
+    parent: int | None = None,
+    timeout: float | None = None,
+) -> Migration:
+    """Move the running process ``pid`` into another PID namespace.
+
+    ``target`` is a path to a PID-namespace file (``/proc/PID/ns/pid``), or an open fd of
+    one, or a pidfd of any process in the target namespace. With ``pidfd=True``, ``pid`` is
+    itself a pidfd. ``parent`` (a PID as the caller sees it, in the target namespace) becomes
+    the new parent instead of the target's init. ``timeout`` bounds the wait, in seconds.
+    """
+    flags = (uapi.F_PIDFD if pidfd else 0) | (uapi.F_PARENT if parent is not None else 0)
+    timeout_ns = 0 if timeout is None else int(timeout * 1e9)
+    if isinstance(target, int):
+        return __migrate(pid, target, flags=flags, parent=parent or 0, timeout_ns=timeout_ns)
+    fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return __migrate(pid, fd, flags=flags, parent=parent or 0, timeout_ns=timeout_ns)
+    finally:
+        os.close(fd)
