@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shlex
 import sys
@@ -186,11 +187,14 @@ def run_batch(
     run_dir: str | os.PathLike[str],
     repeats: int = 1,
     echo: bool = False,
+    kernel: str | None = None,
     **layout: Any,
 ) -> Runs:
     """Run the experiment ``repeats`` times into ``run_dir/<i>/`` and read the runs back.
 
-    A failed run is kept (its rows say why) and reported on stderr; the notebook shows it.
+    Natively each repeat is one ``nsexp.experiment.run``. On the VM all repeats share one boot
+    (a boot costs about a minute under TCG, and guest timings are comparable only within one
+    boot). A failed run is kept (its rows and run.json say why), reported, and shown.
     """
     from nsexp import experiment
     from nsexp import io as nio
@@ -198,18 +202,105 @@ def run_batch(
     spec = make_spec(**layout)
     # run.json records the command; in a kernel sys.argv is only the kernel launcher.
     command = shlex.split(os.environ[COMMAND_ENV]) if os.environ.get(COMMAND_ENV) else None
-    base = Path(run_dir)
+    base = Path(run_dir).resolve()
     dirs = [base / f"{i:03d}" for i in range(repeats)]
-    for i, d in enumerate(dirs):
-        t0 = time.monotonic()
-        result = experiment.run(spec, backend, testbed, d, echo=echo, command=command)
-        state = "ok" if result.ok else f"FAILED: {result.error}"
+    t0 = time.monotonic()
+    if testbed == "vm" and repeats > 1:
+        outcomes = _run_vm_batch(spec, backend, base, dirs, kernel=kernel)
+    else:
+        outcomes = []
+        for d in dirs:
+            result = experiment.run(
+                spec, backend, testbed, d, echo=echo, command=command, kernel=kernel
+            )
+            outcomes.append((result.run_id, result.ok, result.error))
+    for i, (run_id, ok, error) in enumerate(outcomes):
         print(
-            f"run {i + 1}/{repeats} {result.run_id}: {state} ({time.monotonic() - t0:.1f} s)",
-            file=sys.stdout if result.ok else sys.stderr,
+            f"run {i + 1}/{repeats} {run_id}: {'ok' if ok else f'FAILED: {error}'}",
+            file=sys.stdout if ok else sys.stderr,
             flush=True,
         )
+    print(f"{repeats} run(s) of {backend} on {testbed} in {time.monotonic() - t0:.1f} s")
     return nio.read_runs(dirs)
+
+
+def _run_vm_batch(
+    spec: LayoutSpec,
+    backend: str,
+    base: Path,
+    dirs: Sequence[Path],
+    kernel: str | None = None,
+) -> list[tuple[str, bool, str | None]]:
+    """All repeats in one VM boot; returns (run_id, ok, error) per run.
+
+    Each repeat is the guest-side ``nsexp.experiment run --testbed native``, exactly as
+    ``nsexp.experiment.run`` does for one run on the VM; the boot's facts go into each run.json.
+    """
+    from nsexp import experiment as ex
+    from nsexp import testbed as tb
+
+    bed = tb.get_testbed("vm", kernel=kernel)
+    inner = 60.0 + (30.0 if backend == "criu" else 10.0) * spec.hops
+    commands = []
+    for d in dirs:
+        d.mkdir(parents=True, exist_ok=True)
+        for stale in ("records.jsonl", ex.HOPS_FILE, ex.PROCESSES_FILE, ex.RUN_FILE):
+            (d / stale).unlink(missing_ok=True)
+        guest = ["python3", "-m", "nsexp.experiment", "run", "--backend", backend]
+        guest += ["--testbed", "native", "--record-testbed", "vm", "--out", str(d)]
+        guest += ["--timeout", f"{inner:g}", "--quiet", *spec.cli_args()]
+        commands.append(shlex.join(guest))
+    print(f"booting the VM ({bed.kernel_release()}) for {len(dirs)} runs ...", flush=True)
+    batch = bed.run_batch(
+        commands,
+        out_dir=base,
+        timeout=600 + len(dirs) * (inner + 30),
+        command_timeout=inner + 30,
+        load_module=backend == "kmod",
+    )
+    (base / "dmesg.txt").write_text(batch.dmesg or "")
+    outcomes = []
+    for i, (d, res) in enumerate(zip(dirs, batch.results, strict=True)):
+        path = d / ex.RUN_FILE
+        meta: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+        meta["vm"] = {
+            "kernel_release": batch.kernel_release,
+            "module_loaded": batch.module_loaded,
+            "module_unloaded": batch.module_unloaded,
+            "kernel_log_problems": batch.kernel_log_problems(),
+            "returncode": res.returncode,
+            "timed_out": res.timed_out,
+            "duration_s": round(res.duration_s, 3),
+            "boot": str(base),
+            "batch_index": i,
+            "batch_size": len(dirs),
+            "host_command": os.environ.get(COMMAND_ENV) or shlex.join(sys.argv),
+        }
+        error = meta.get("error")
+        if not meta.get("run_id"):
+            error = f"the guest run wrote no run.json (exit {res.returncode}): {res.stderr[-2000:]}"
+            meta.update(
+                run_id=f"{base.name}-{i:03d}-failed",
+                backend=backend,
+                testbed="vm",
+                kernel=batch.kernel_release,
+            )
+        if backend == "kmod" and not batch.module_loaded:
+            error = error or "the nsmigrate module could not be loaded in the guest"
+        meta["ok"] = bool(meta.get("ok")) and error is None
+        meta["error"] = error
+        path.write_text(json.dumps(meta, indent=2) + "\n")
+        if not (d / ex.HOPS_FILE).exists():
+            # Keep the folder readable: an empty hop table with the run's failure in run.json.
+            (d / ex.HOPS_FILE).write_text(",".join(_hop_header()) + "\n")
+        outcomes.append((str(meta["run_id"]), meta["ok"], error))
+    return outcomes
+
+
+def _hop_header() -> list[str]:
+    from nsexp import io as nio
+
+    return list(nio.HOP_COLUMNS)
 
 
 class Explorer:
@@ -341,6 +432,9 @@ def _figures(args: argparse.Namespace) -> int:
     for key, value in args.parameter or []:
         words += ["-p", key, value]
     command = shlex.join(words)
+    if args.log_output:
+        # papermill logs each cell's output through the "papermill" logger at INFO.
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         run_notebooks(
             select=[str(nb) for nb in notebooks],

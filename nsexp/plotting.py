@@ -84,7 +84,7 @@ def _title(hops: pd.DataFrame, what: str) -> str:
                 parts.append("/".join(vals))
     nruns = hops["run_id"].nunique() if "run_id" in hops.columns else 1
     runs = f", {nruns} runs" if nruns > 1 else ""
-    return f"{what} ({', '.join(parts)}{runs})" if parts else what
+    return f"{what}\n({', '.join(parts)}{runs})" if parts else what
 
 
 def plot_hop_table(hops: pd.DataFrame, title: str | None = None) -> Figure:

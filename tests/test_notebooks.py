@@ -156,6 +156,9 @@ def test_notebook_01_restart_native(tmp_path: Path) -> None:
     assert executed.exists()
     table = _check_chained_outputs(tmp_path, "restart")
     assert [tuple(r) for r in table[["ns", "value", "pid"]].itertuples(index=False)] == PAPER
+    prov = nio.read_table(tmp_path / "data" / "chained_hops.csv")[1]
+    assert prov["command"].startswith("nsexp figures -n 01 -p backend restart")
+    assert prov["parameters"]["repeats"] == 1
     hops = nio.read_table(tmp_path / "data" / "chained_hops.csv")[0]
     # restart makes a new process at each hop: its start time changes.
     assert hops["start_time"].nunique() == len(hops)
@@ -207,15 +210,26 @@ def test_notebook_00_explore_no_autorun(tmp_path: Path) -> None:
 
 @pytest.mark.vm
 def test_notebook_01_kmod_vm(tmp_path: Path) -> None:
-    """Notebook 01 with the kernel module in the VM: the paper's table, one process throughout."""
+    """Notebook 01 with the kernel module in the VM: the paper's table, one process per run.
+
+    Two repeats, so that the one-boot batch path runs too.
+    """
+    params = {**_small_params(tmp_path, "kmod", "vm"), "repeats": 2}
     nb.execute_notebook(
         ROOT / "notebooks" / "01_chained_execution.ipynb",
         tmp_path / "01_chained_execution.ipynb",
-        _small_params(tmp_path, "kmod", "vm"),
+        params,
         progress=False,
     )
     table = _check_chained_outputs(tmp_path, "kmod")
     assert [tuple(r) for r in table[["ns", "value", "pid"]].itertuples(index=False)] == PAPER
+    assert table["agree"].tolist() == [2] * 4
     hops = nio.read_table(tmp_path / "data" / "chained_hops.csv")[0]
-    assert hops["start_time"].nunique() == 1  # the same process at every hop
-    assert (tmp_path / "figures" / "chained_phase_timings.pdf").exists()
+    # The same process at every hop of a run: one start time per run.
+    assert (hops.groupby("run_id")["start_time"].nunique() == 1).all()
+    assert hops["kernel_done"].notna().sum() == 2 * 3  # the module's timings on every migration
+    runs = nio.read_table(tmp_path / "data" / "chained_runs.csv")[0]
+    assert runs["vm.batch_size"].tolist() == [2, 2]  # both repeats in one boot
+    assert runs["vm.kernel_log_problems"].tolist() == ["[]", "[]"]
+    for ext in ("pdf", "png"):
+        assert (tmp_path / "figures" / f"chained_phase_timings.{ext}").stat().st_size > 1000
