@@ -489,8 +489,11 @@ def refusals() -> dict:
         out["traced_state"] = {"before": before_traced, "after": s.outside()}
         os.kill(tracer, signal.SIGKILL)
         os.waitpid(tracer, 0)
+        out["traced_alive_after_tracer_exit"] = exists(s.gpid)
+        s.kill()
 
         # A stopped process never reaches a safe point: the wait is bounded.
+        s = Subject(a)
         os.kill(s.gpid, signal.SIGSTOP)
         t0 = time.monotonic()
         cases["stopped_timeout"] = migrate_errno(s.gpid, b.path, timeout=1.0)

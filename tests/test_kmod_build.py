@@ -1,0 +1,87 @@
+"""The module builds without warnings for both supported kernels and is checkpatch-clean."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from nsexp import testbed
+
+REPO = Path(__file__).resolve().parent.parent
+KMOD = REPO / "kmod"
+SUPPORTED = ("6.1.", "6.12.")
+CHECKPATCH_FILES = (
+    "scripts/checkpatch.pl",
+    "scripts/spelling.txt",
+    "scripts/const_structs.checkpatch",
+)
+
+
+def supported_releases() -> list[str]:
+    """The newest installed release of each supported series; fail if one is missing."""
+    kernels = testbed.available_kernels()
+    out = []
+    for series in SUPPORTED:
+        found = [k for k in kernels if k.startswith(series)]
+        assert found, f"no {series}x kernel with headers installed: run `make setup`"
+        out.append(found[-1])
+    return out
+
+
+@pytest.mark.parametrize("series", SUPPORTED)
+def test_builds_without_warnings(series: str, tmp_path: Path) -> None:
+    release = next(r for r in supported_releases() if r.startswith(series))
+    kdir = testbed.kernel_headers_dir(release)
+    for name in ("Kbuild", "nsmigrate.c", "nsmigrate.h"):
+        shutil.copy(KMOD / name, tmp_path)
+    proc = subprocess.run(["make", "-C", str(kdir), f"M={tmp_path}", "modules"],
+                          capture_output=True, text=True)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log
+    assert "CC [M]" in log, log  # it really compiled
+    assert not re.search(r"warning:|error:", log, re.I), log
+    # modpost lists any symbol the module would need but the kernel does not export.
+    assert "undefined!" not in log, log
+    assert (tmp_path / "nsmigrate.ko").stat().st_size > 0
+
+
+@pytest.fixture(scope="session")
+def checkpatch() -> Path:
+    """checkpatch.pl from Debian's linux-source tarball, extracted once under build/."""
+    dest = REPO / "build" / "checkpatch"
+    script = dest / "scripts" / "checkpatch.pl"
+    if script.exists():
+        return script
+    tarballs = sorted(Path("/usr/src").glob("linux-source-*.tar.*"))
+    assert tarballs, "no /usr/src/linux-source-*.tar.xz: apt-get install linux-source (make setup)"
+    with tarfile.open(tarballs[-1]) as tar:
+        top = tar.next().name.split("/")[0]
+        for name in CHECKPATCH_FILES:
+            member = tar.getmember(f"{top}/{name}")
+            member.name = name
+            tar.extract(member, dest)
+    return script
+
+
+def test_checkpatch_strict_clean(checkpatch: Path) -> None:
+    files = sorted(str(p) for p in KMOD.glob("*.[ch]"))
+    proc = subprocess.run(
+        ["perl", str(checkpatch), "--strict", "--no-tree", "-f", *files],
+        capture_output=True,
+        text=True,
+    )
+    totals = re.findall(r"total: (\d+) errors, (\d+) warnings, (\d+) checks", proc.stdout)
+    assert len(totals) == len(files), proc.stdout + proc.stderr
+    assert all(t == ("0", "0", "0") for t in totals), proc.stdout
+
+
+def test_dkms_conf_matches_module_version() -> None:
+    conf = dict(re.findall(r'^(\w+)="([^"]*)"', (KMOD / "dkms.conf").read_text(), re.M))
+    version = re.search(r'#define NSM_VERSION "([^"]+)"', (KMOD / "nsmigrate.c").read_text())
+    assert conf["PACKAGE_NAME"] == "nsmigrate"
+    assert conf["PACKAGE_VERSION"] == version.group(1)
