@@ -14,3 +14,7 @@ try:
     __version__ = _version("nsexp")
 except PackageNotFoundError:  # running from a source tree that is not installed (e.g. the guest)
     __version__ = "0+unknown"
+
+from nsexp.lib import Migration, migrate  # noqa: E402
+
+__all__ = ["Migration", "migrate", "__version__"]
