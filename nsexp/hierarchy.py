@@ -58,6 +58,23 @@ def _close_fds_except(keep: set[int]) -> None:
                 pass
 
 
+def _rebind_stdio() -> None:
+    """Point sys.stdin/stdout/stderr at fds 0-2 themselves.
+
+    The parent's stream objects may write through another fd (pytest's capture does), which
+    _close_fds_except just closed and which a new pipe or socket may reuse.
+    """
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            continue
+        stream = open(  # noqa: SIM115 - lives as long as the process
+            fd, mode, buffering=1 if mode == "w" else -1, closefd=False, errors="replace"
+        )
+        setattr(sys, name, stream)
+
+
 def _child_exit(run: Callable[[], None]) -> None:
     """Run ``run`` in a forked child and never return into the parent's code."""
     code = 0
@@ -219,6 +236,7 @@ class Hierarchy:
                     other.control.detach()  # its fd is closed below; never close it twice
             parent_end.detach()
             _close_fds_except({child_end.fileno()})
+            _rebind_stdio()
             init = _Init(plan, child_end, self.entries)
             _child_exit(init.main)
         child_end.close()

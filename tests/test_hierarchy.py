@@ -28,6 +28,13 @@ def no_children_left():
     pytest.fail(f"the test left a child process behind (waitpid gave {pid})")
 
 
+def write_json(path: Path, obj) -> None:
+    """Write atomically: the test polls for the file and must never read half of it."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
 def wait_for(cond, timeout=5.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -40,7 +47,7 @@ def wait_for(cond, timeout=5.0):
 def write_self(path: Path, extra: dict | None = None) -> None:
     me = nsutil.self_info()
     data = {"pid": os.getpid(), "ppid": os.getppid(), "global": me.global_pid, **(extra or {})}
-    path.write_text(json.dumps(data))
+    write_json(path, data)
 
 
 def test_paper_tree_pids_parents_threads():
@@ -122,7 +129,7 @@ def test_parent_killed_takes_the_tree_down(tmp_path):
     if pid == 0:
         try:
             h = Hierarchy([NamespacePlan(n, c) for n, c in PAPER]).start()
-            info.write_text(json.dumps(list(h.inodes)))
+            write_json(info, list(h.inodes))
             time.sleep(60)
         finally:
             os._exit(1)

@@ -32,6 +32,13 @@ def no_children_left():
     pytest.fail(f"the test left a child process behind (waitpid gave {pid})")
 
 
+def write_json(path: Path, obj) -> None:
+    """Write atomically: the test polls for the file and must never read half of it."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
 def wait_for(cond, timeout=5.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -87,7 +94,7 @@ def request_to_file(path: str, out: Path, target: str, **fields):
         except ManagerError as exc:
             result = {"ok": False, "code": exc.code, "kind": type(exc).__name__}
         result["pid"] = os.getpid()
-        out.write_text(json.dumps(result))
+        write_json(out, result)
 
     return run
 
@@ -174,7 +181,7 @@ def test_identity_and_route_policy(sock, three_ns, tmp_path):
         outs = {k: tmp_path / f"{k}.json" for k in ("ping", "ok", "forbidden", "same")}
 
         def ping():
-            outs["ping"].write_text(json.dumps({**Client(sock).ping(), "me": os.getpid()}))
+            write_json(outs["ping"], {**Client(sock).ping(), "me": os.getpid()})
 
         pids = [
             in_ns(ns["A"], ping),
@@ -266,7 +273,7 @@ def test_64_concurrent_clients_restart(sock, tmp_path):
     def land(payload):
         me = nsutil.self_info()
         out = {"i": payload["state"]["i"], "pid": os.getpid(), "inode": me.ns_inode}
-        (tmp_path / f"land-{out['i']}.json").write_text(json.dumps(out))
+        write_json(tmp_path / f"land-{out['i']}.json", out)
 
     h = Hierarchy(
         [
@@ -309,7 +316,7 @@ def test_manager_killed_then_restarted(sock, tmp_path):
     entered = tmp_path / "entered"
 
     def land(payload):
-        (tmp_path / "landed.json").write_text(json.dumps({"pid": os.getpid()}))
+        write_json(tmp_path / "landed.json", {"pid": os.getpid()})
 
     h = Hierarchy(
         [
