@@ -155,7 +155,7 @@ def test_bad_input_gets_error_replies_and_service_goes_on(sock, three_ns, caplog
 
 def test_disconnect_mid_request_and_silent_client(sock, three_ns, caplog):
     caplog.set_level(logging.INFO, "nsexp.manager")
-    with Manager(sock, Echo(), three_ns.namespaces, read_timeout=0.5):
+    with Manager(sock, Echo(), three_ns.namespaces, read_timeout=2.0):
         body = protocol.encode({"op": "ping"})
         assert raw_exchange(sock, body[:7], shutdown=True) is None  # half a frame, then EOF
         assert raw_exchange(sock, b"", shutdown=True) is None  # nothing at all, then EOF
@@ -164,12 +164,12 @@ def test_disconnect_mid_request_and_silent_client(sock, three_ns, caplog):
         silent.connect(sock)
         t0 = time.monotonic()
         # While the silent client holds its connection, others are served at once.
-        assert Client(sock, timeout=2).ping()["ok"]
-        assert time.monotonic() - t0 < 0.4
+        assert Client(sock, timeout=5).ping()["ok"]
+        assert time.monotonic() - t0 < 1.5
         reply = protocol.recv_msg(silent)
         silent.close()
         assert reply["error"]["code"] == "timeout"
-        assert 0.4 < time.monotonic() - t0 < 3
+        assert 1.9 < time.monotonic() - t0 < 6
         assert Client(sock).ping()["ok"]
     assert "in the middle of a frame" in caplog.text
     assert "sent no request" in caplog.text
@@ -222,13 +222,13 @@ def test_socket_mode_group_and_stale_socket(tmp_path, three_ns):
 
 def test_slow_migration_does_not_block_others(sock, three_ns, tmp_path):
     ns = three_ns.namespaces
-    with Manager(sock, Echo(slow={"B": 1.5}), ns):
+    with Manager(sock, Echo(slow={"B": 3.0}), ns):
         slow = in_ns(ns["A"], request_to_file(sock, tmp_path / "slow.json", "B"))
         time.sleep(0.2)
         t0 = time.monotonic()
         fast = in_ns(ns["A"], request_to_file(sock, tmp_path / "fast.json", "C"))
         os.waitpid(fast, 0)
-        assert time.monotonic() - t0 < 1.0
+        assert time.monotonic() - t0 < 2.0
         assert json.loads((tmp_path / "fast.json").read_text())["ok"]
         assert not (tmp_path / "slow.json").exists()
         os.waitpid(slow, 0)
