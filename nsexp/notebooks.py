@@ -80,13 +80,18 @@ def default_parameters(notebook: Path, root: Path | None = None) -> dict[str, An
 
     Everything else keeps the notebook's own defaults (the paper's experiment: kmod in the VM).
     """
+    import papermill as pm
+
     root = root or repo_root()
     stem = notebook.stem.split("_", 1)[-1]  # 01_chained_execution -> chained_execution
-    return {
+    paths = {
         "data_dir": str(root / "data"),
         "figures_dir": str(root / "figures"),
         "run_dir": str(root / "build" / "runs" / stem),
     }
+    # Only those the notebook declares (papermill warns about the others).
+    declared = pm.inspect_notebook(str(notebook))
+    return {k: v for k, v in paths.items() if k in declared}
 
 
 def execute_notebook(

@@ -53,7 +53,7 @@ def save_figure(
         path = stem.with_name(f"{stem.name}.{fmt}")
         # Fixed metadata keeps PDFs byte-stable between regenerations of the same data.
         metadata = {"CreationDate": None} if fmt == "pdf" else {"Software": None}
-        fig.savefig(path, dpi=200 if fmt == "png" else None, metadata=metadata)
+        fig.savefig(path, dpi=200 if fmt == "png" else None, metadata=metadata, bbox_inches="tight")
         paths.append(path)
     return paths
 
@@ -172,7 +172,8 @@ def plot_process_trees(
     for ax in axes.flat[len(snapshots) :]:
         ax.axis("off")
     for ax, snap in zip(axes.flat, snapshots, strict=False):
-        _draw_snapshot(ax, procs[procs["snapshot"] == snap], namespaces, max_rows)
+        came_from = _previous_stop(snap, hops)
+        _draw_snapshot(ax, procs[procs["snapshot"] == snap], namespaces, max_rows, came_from)
         ax.set_title(_snapshot_title(snap, hops), fontsize=10)
     handles = [
         plt.Line2D([], [], marker="s", ls="", color=c, label=r)
@@ -194,11 +195,37 @@ def _snapshot_title(snap: int, hops: pd.DataFrame | None) -> str:
     if row.empty:
         return f"snapshot {snap}"
     r = row.iloc[0]
-    return f"hop {snap}: worker in {r['ns']} (value {_fmt(r['value'])}, PID {_fmt(r['pid'])})"
+    # The start time tells one process (kmod) from a successor per hop (restart, criu).
+    start = f", start {_fmt(r['start_time'])}" if pd.notna(r.get("start_time")) else ""
+    return (
+        f"hop {snap}: worker in {r['ns']} (value {_fmt(r['value'])}, PID {_fmt(r['pid'])}{start})"
+    )
 
 
-def _draw_snapshot(ax, procs: pd.DataFrame, namespaces: list[str], max_rows: int) -> None:
-    """One panel: a box per namespace, processes stacked inside (init first, worker last)."""
+def _previous_stop(snap: int, hops: pd.DataFrame | None) -> tuple[str, str] | None:
+    """(namespace, PID) of the worker at the hop before ``snap``, if recorded."""
+    if hops is None or snap == 0 or "hop" not in hops.columns:
+        return None
+    prev = hops[hops["hop"] == snap - 1]
+    if prev.empty or pd.isna(prev.iloc[0]["ns"]):
+        return None
+    return str(prev.iloc[0]["ns"]), _fmt(prev.iloc[0]["pid"])
+
+
+def _draw_snapshot(
+    ax,
+    procs: pd.DataFrame,
+    namespaces: list[str],
+    max_rows: int,
+    came_from: tuple[str, str] | None = None,
+) -> None:
+    """One panel: a box per namespace, processes stacked inside (init first, worker last).
+
+    ``came_from`` (namespace, PID) draws a dashed ghost where the worker was before this hop,
+    with an arrow to where it is now.
+    """
+    worker_at = None
+    ghost_at = None
     order = {"parent": 0, "manager": 1, "init": 2, "spawner": 3, "child": 4, "worker": 5}
     ax.set_xlim(-0.05, len(namespaces) + 0.05)
     ax.set_ylim(-(max_rows + 0.3), 0.75)
@@ -223,6 +250,8 @@ def _draw_snapshot(ax, procs: pd.DataFrame, namespaces: list[str], max_rows: int
             label = f"{p['name'] if 'name' in p and pd.notna(p['name']) else role} {_fmt(p['pid'])}"
             gpid = f" (g{_fmt(p['global_pid'])})" if pd.notna(p["global_pid"]) else ""
             is_worker = role == "worker"
+            if is_worker:
+                worker_at = (i + 0.5, -(j + 0.5))
             ax.text(
                 i + 0.5,
                 -(j + 0.5),
@@ -239,6 +268,25 @@ def _draw_snapshot(ax, procs: pd.DataFrame, namespaces: list[str], max_rows: int
                     "lw": 2 if is_worker else 1,
                 },
             )
+        if came_from is not None and came_from[0] == ns:
+            ghost_at = (i + 0.5, -(len(members) + 0.5))
+            ax.text(
+                *ghost_at,
+                f"worker was {came_from[1]}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="#777777",
+                style="italic",
+                bbox={"boxstyle": "round,pad=0.25", "fc": "none", "ec": "#999999", "ls": "--"},
+            )
+    if worker_at is not None and ghost_at is not None and worker_at[0] != ghost_at[0]:
+        ax.annotate(
+            "",
+            xy=(worker_at[0] - 0.32, worker_at[1]),
+            xytext=(ghost_at[0] + 0.32, ghost_at[1]),
+            arrowprops={"arrowstyle": "->", "color": ROLE_COLORS["worker"], "lw": 1.2},
+        )
 
 
 def plot_phase_timings(hops: pd.DataFrame, title: str | None = None) -> Figure | None:

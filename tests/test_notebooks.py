@@ -96,6 +96,8 @@ def test_default_parameters_point_into_repo() -> None:
     assert params["data_dir"] == str(nb.repo_root() / "data")
     assert params["figures_dir"] == str(nb.repo_root() / "figures")
     assert params["run_dir"].startswith(str(nb.repo_root() / "build"))
+    # The explorer writes no tables or figures: it gets only a run folder.
+    assert set(nb.default_parameters(ROOT / "notebooks" / "00_explore.ipynb")) == {"run_dir"}
 
 
 def test_cli_figures_list(capsys: pytest.CaptureFixture[str]) -> None:
