@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import tomllib
 import types
 from pathlib import Path
@@ -296,3 +297,23 @@ def test_ci_runs_make_test_without_stdin():
     assert "set -euo pipefail" in ci
     assert "CI=true" in ci
     assert re.search(r"make test\s*</dev/null", ci)
+
+
+@pytest.mark.skipif(
+    Path(sys.prefix).resolve() != (ROOT / ".venv").resolve(),
+    reason="runs only under the tree's own .venv (made by `make setup`)",
+)
+def test_second_setup_is_fast():
+    """`make setup` already ran (make test depends on it): running it again takes seconds."""
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        ["bash", str(ROOT / "tools/setup.sh")],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=120,
+    )
+    elapsed = time.monotonic() - t0
+    assert proc.returncode == 0, proc.stderr
+    assert "venv: up to date" in proc.stderr
+    assert elapsed < 10, f"second setup took {elapsed:.1f} s"
