@@ -25,7 +25,13 @@ REPO = Path(__file__).resolve().parent.parent
 CSRC = Path(__file__).resolve().parent / "csrc"
 BENCH_BUILD = REPO / "build" / "bench"
 
-KERNEL_METRICS = ("ioctl_round_trip", "kernel_switch", "kernel_queue_to_done", "fork_wait", "getpid")
+KERNEL_METRICS = (
+    "ioctl_round_trip",
+    "kernel_switch",
+    "kernel_queue_to_done",
+    "fork_wait",
+    "getpid",
+)
 
 
 def build_c(name: str) -> Path:
@@ -62,7 +68,9 @@ def code_version() -> str:
     try:
         return subprocess.run(
             ["git", "-C", str(REPO), "describe", "--always", "--dirty"],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -77,18 +85,23 @@ def run_kernel(
     kernel: str | None = None,
 ) -> BenchResult:
     """Run the kernel benchmark on a testbed and write ``out_dir/bench-kernel.csv``."""
-    bed = tb.get_testbed(testbed, **({"kernel": kernel} if kernel else {})) if isinstance(
-        testbed, str) else testbed
+    bed = (
+        tb.get_testbed(testbed, **({"kernel": kernel} if kernel else {}))
+        if isinstance(testbed, str)
+        else testbed
+    )
     binary = build_c("kernel_bench")
     print(f"bench kernel: {n} migrations (+{warmup} warm-up) on {bed!r} ...", flush=True)
     batch = bed.run_batch(
         [f'{binary} {n} {warmup} > "$NSEXP_OUT/kernel_bench.csv"'],
-        timeout=1800, command_timeout=1500,
+        timeout=1800,
+        command_timeout=1500,
     )
     res = batch.results[0]
     if res.returncode != 0:
-        raise tb.TestbedError(f"kernel_bench failed ({res.returncode}): {res.stderr[-2000:]}",
-                              result=batch)
+        raise tb.TestbedError(
+            f"kernel_bench failed ({res.returncode}): {res.stderr[-2000:]}", result=batch
+        )
     samples: dict[str, list[int]] = {m: [] for m in KERNEL_METRICS}
     with open(batch.out_dir / "kernel_bench.csv") as f:
         for metric, _, ns in csv.reader(f):
@@ -108,12 +121,34 @@ def run_kernel(
     table = out_dir / "bench-kernel.csv"
     with open(table, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["run_id", "benchmark", "testbed", "kernel", "code_version", "timestamp",
-                    "metric", "i", "ns"])
+        w.writerow(
+            [
+                "run_id",
+                "benchmark",
+                "testbed",
+                "kernel",
+                "code_version",
+                "timestamp",
+                "metric",
+                "i",
+                "ns",
+            ]
+        )
         for metric, values in samples.items():
             for i, v in enumerate(values):
-                w.writerow([meta["run_id"], "kernel", meta["testbed"], meta["kernel"],
-                            meta["code_version"], meta["timestamp"], metric, i, v])
+                w.writerow(
+                    [
+                        meta["run_id"],
+                        "kernel",
+                        meta["testbed"],
+                        meta["kernel"],
+                        meta["code_version"],
+                        meta["timestamp"],
+                        metric,
+                        i,
+                        v,
+                    ]
+                )
     summary = {m: summarize(v) for m, v in samples.items() if v}
     med = {m: s["median_ns"] for m, s in summary.items()}
     ratios = {
@@ -122,7 +157,8 @@ def run_kernel(
         "ioctl_round_trip / getpid": med["ioctl_round_trip"] / med["getpid"],
     }
     (out_dir / "bench-kernel.provenance.json").write_text(
-        json.dumps({**meta, "summary": summary, "ratios": ratios}, indent=1) + "\n")
+        json.dumps({**meta, "summary": summary, "ratios": ratios}, indent=1) + "\n"
+    )
     return BenchResult(table, summary, ratios, meta)
 
 
@@ -137,8 +173,9 @@ def print_result(r: BenchResult) -> None:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     if args.benchmark == "kernel":
-        r = run_kernel(args.testbed, n=args.n, warmup=args.warmup, out_dir=Path(args.out),
-                       kernel=args.kernel)
+        r = run_kernel(
+            args.testbed, n=args.n, warmup=args.warmup, out_dir=Path(args.out), kernel=args.kernel
+        )
         print_result(r)
         return 0 if not r.meta["kernel_log_problems"] else 1
     raise SystemExit(f"unknown benchmark {args.benchmark!r}")

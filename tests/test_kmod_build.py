@@ -39,8 +39,9 @@ def test_builds_without_warnings(series: str, tmp_path: Path) -> None:
     kdir = testbed.kernel_headers_dir(release)
     for name in ("Kbuild", "nsmigrate.c", "nsmigrate.h"):
         shutil.copy(KMOD / name, tmp_path)
-    proc = subprocess.run(["make", "-C", str(kdir), f"M={tmp_path}", "modules"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["make", "-C", str(kdir), f"M={tmp_path}", "modules"], capture_output=True, text=True
+    )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log
     assert "CC [M]" in log, log  # it really compiled

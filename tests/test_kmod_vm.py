@@ -27,7 +27,7 @@ def guest(request) -> dict:
     release = next(r for r in supported_releases() if r.startswith(request.param))
     tb = testbed.VMTestbed(kernel=release)
     batch = tb.run_batch(
-        ["python3 tests/vm/kmod_checks.py \"$NSEXP_OUT\""],
+        ['python3 tests/vm/kmod_checks.py "$NSEXP_OUT"'],
         env={"NSM_BACK_AND_FORTH": str(BACK_AND_FORTH), "NSM_FUZZ": str(FUZZ)},
         timeout=1800,
         command_timeout=1500,
@@ -168,13 +168,23 @@ def test_interrupted_waiter_leaves_process_alone(guest: dict) -> None:
 def test_bad_ioctl_input_returns_errors(guest: dict) -> None:
     d = data(guest, "bad_ioctl")
     expect = {
-        "size_0": errno.EINVAL, "size_8": errno.EINVAL, "size_63": errno.EINVAL,
-        "size_huge": errno.EINVAL, "version_0": errno.EINVAL, "version_2": errno.EINVAL,
-        "unknown_flag": errno.EINVAL, "timeout_too_long": errno.EINVAL,
-        "negative_pid": errno.EINVAL, "huge_pid": errno.ESRCH, "negative_fd": errno.EBADF,
-        "bad_pidfd": errno.EBADF, "null_pointer": errno.EFAULT,
-        "unmapped_pointer": errno.EFAULT, "kernel_pointer": errno.EFAULT,
-        "unknown_cmd": errno.ENOTTY, "size_72_nonzero_tail": errno.E2BIG,
+        "size_0": errno.EINVAL,
+        "size_8": errno.EINVAL,
+        "size_63": errno.EINVAL,
+        "size_huge": errno.EINVAL,
+        "version_0": errno.EINVAL,
+        "version_2": errno.EINVAL,
+        "unknown_flag": errno.EINVAL,
+        "timeout_too_long": errno.EINVAL,
+        "negative_pid": errno.EINVAL,
+        "huge_pid": errno.ESRCH,
+        "negative_fd": errno.EBADF,
+        "bad_pidfd": errno.EBADF,
+        "null_pointer": errno.EFAULT,
+        "unmapped_pointer": errno.EFAULT,
+        "kernel_pointer": errno.EFAULT,
+        "unknown_cmd": errno.ENOTTY,
+        "size_72_nonzero_tail": errno.E2BIG,
         "size_72_zero_tail": 0,
     }
     assert {k: d[k] for k in expect} == expect

@@ -20,24 +20,24 @@ PROBE = r"""
 #include <stddef.h>
 #include "nsmigrate.h"
 #define OFF(f) printf("\"off_%s\": %zu, \"size_%s\": %zu,\n", #f, \
-	offsetof(struct nsmigrate_req, f), #f, sizeof(((struct nsmigrate_req *)0)->f))
+    offsetof(struct nsmigrate_req, f), #f, sizeof(((struct nsmigrate_req *)0)->f))
 int main(void)
 {
-	printf("{\n");
-	%OFFSETS%
-	printf("\"sizeof\": %zu,\n", sizeof(struct nsmigrate_req));
-	printf("\"size_ver1\": %d,\n", NSMIGRATE_REQ_SIZE_VER1);
-	printf("\"abi\": %d,\n", NSMIGRATE_ABI_VERSION);
-	printf("\"ioc_version\": %lu,\n", (unsigned long)NSMIGRATE_IOC_VERSION);
-	printf("\"ioc_migrate\": %lu,\n", (unsigned long)NSMIGRATE_IOC_MIGRATE);
-	printf("\"f_pidfd\": %lu, \"f_parent\": %lu, \"f_all\": %lu,\n",
-	       (unsigned long)NSMIGRATE_F_PIDFD, (unsigned long)NSMIGRATE_F_PARENT,
-	       (unsigned long)NSMIGRATE_F_ALL);
-	printf("\"max_timeout\": %llu, \"default_timeout\": %llu,\n",
-	       (unsigned long long)NSMIGRATE_MAX_TIMEOUT_NS,
-	       (unsigned long long)NSMIGRATE_DEFAULT_TIMEOUT_NS);
-	printf("\"device\": \"%s\"\n}\n", NSMIGRATE_DEVICE);
-	return 0;
+    printf("{\n");
+    %OFFSETS%
+    printf("\"sizeof\": %zu,\n", sizeof(struct nsmigrate_req));
+    printf("\"size_ver1\": %d,\n", NSMIGRATE_REQ_SIZE_VER1);
+    printf("\"abi\": %d,\n", NSMIGRATE_ABI_VERSION);
+    printf("\"ioc_version\": %lu,\n", (unsigned long)NSMIGRATE_IOC_VERSION);
+    printf("\"ioc_migrate\": %lu,\n", (unsigned long)NSMIGRATE_IOC_MIGRATE);
+    printf("\"f_pidfd\": %lu, \"f_parent\": %lu, \"f_all\": %lu,\n",
+           (unsigned long)NSMIGRATE_F_PIDFD, (unsigned long)NSMIGRATE_F_PARENT,
+           (unsigned long)NSMIGRATE_F_ALL);
+    printf("\"max_timeout\": %llu, \"default_timeout\": %llu,\n",
+           (unsigned long long)NSMIGRATE_MAX_TIMEOUT_NS,
+           (unsigned long long)NSMIGRATE_DEFAULT_TIMEOUT_NS);
+    printf("\"device\": \"%s\"\n}\n", NSMIGRATE_DEVICE);
+    return 0;
 }
 """
 

@@ -64,6 +64,16 @@ def nspid(gpid: int) -> list[int]:
     return [int(x) for x in status(gpid)["NSpid"].split()]
 
 
+def stop(gpid: int) -> None:
+    """SIGSTOP and wait until the process is really stopped (delivery is asynchronous)."""
+    os.kill(gpid, signal.SIGSTOP)
+    for _ in range(200):
+        if status(gpid)["State"].startswith("T"):
+            return
+        time.sleep(0.01)
+    raise TimeoutError(f"{gpid} did not stop")
+
+
 def exists(gpid: int) -> bool:
     return os.path.exists(f"/proc/{gpid}")
 
@@ -152,9 +162,23 @@ class Namespace:
     def ps(self) -> list[int]:
         """PIDs listed by ps run inside the namespace with its own /proc."""
         out = subprocess.run(
-            ["nsenter", "-t", str(self.init), "-p", "--", "unshare", "-m", "--mount-proc",
-             "ps", "-e", "-o", "pid="],
-            capture_output=True, text=True, timeout=60,
+            [
+                "nsenter",
+                "-t",
+                str(self.init),
+                "-p",
+                "--",
+                "unshare",
+                "-m",
+                "--mount-proc",
+                "ps",
+                "-e",
+                "-o",
+                "pid=",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         return sorted(int(x) for x in out.stdout.split())
 
@@ -253,8 +277,12 @@ class Subject:
                 child = os.fork()
                 if child == 0:
                     me = int(os.readlink("/proc/self"))
-                    os.write(w, json.dumps({"pid": os.getpid(), "ppid": os.getppid(),
-                                            "nspid": nspid(me)}).encode())
+                    os.write(
+                        w,
+                        json.dumps(
+                            {"pid": os.getpid(), "ppid": os.getppid(), "nspid": nspid(me)}
+                        ).encode(),
+                    )
                     os._exit(0)
                 os.close(w)
                 rep = json.loads(os.read(r, 4096))
@@ -284,8 +312,11 @@ class Subject:
     def outside(self, gpid: int | None = None) -> dict:
         gpid = gpid or self.gpid
         st = status(gpid)
-        return {"nspid": [int(x) for x in st["NSpid"].split()], "ppid": int(st["PPid"]),
-                "starttime": starttime(gpid)}
+        return {
+            "nspid": [int(x) for x in st["NSpid"].split()],
+            "ppid": int(st["PPid"]),
+            "starttime": starttime(gpid),
+        }
 
     def kill(self) -> None:
         try:
@@ -372,11 +403,18 @@ def basic() -> dict:
         except ChildProcessError:
             old_parent_wait = "ECHILD"
         return {
-            "a_init": a.init, "b_init": b.init,
-            "before": before, "after": after, "migration": m.__dict__,
-            "forked": forked, "robust_lock": robust_lock, "robust_next_lock": got,
-            "b_reaped": b.reaped(), "a_reaped": a.reaped(),
-            "old_parent_wait": old_parent_wait, "new_gpid_exists_after_exit": exists(m.global_pid),
+            "a_init": a.init,
+            "b_init": b.init,
+            "before": before,
+            "after": after,
+            "migration": m.__dict__,
+            "forked": forked,
+            "robust_lock": robust_lock,
+            "robust_next_lock": got,
+            "b_reaped": b.reaped(),
+            "a_reaped": a.reaped(),
+            "old_parent_wait": old_parent_wait,
+            "new_gpid_exists_after_exit": exists(m.global_pid),
         }
     finally:
         a.kill()
@@ -397,8 +435,15 @@ def chain() -> dict:
                 s.gpid = m.global_pid
             rep = s.call("incr", n=100)
             st = s.call("state")
-            hops.append({"ns": ns.name, "value": rep["counter"], "pid": rep["pid"],
-                         "starttime": st["starttime"], "ppid": st["ppid"]})
+            hops.append(
+                {
+                    "ns": ns.name,
+                    "value": rep["counter"],
+                    "pid": rep["pid"],
+                    "starttime": st["starttime"],
+                    "ppid": st["ppid"],
+                }
+            )
         return {"hops": hops, "start": start}
     finally:
         for ns in nss:
@@ -412,8 +457,12 @@ def parent_flag() -> dict:
         s = Subject(a)
         new_parent = b.children()[0]
         m = lib.migrate(s.gpid, b.path, parent=new_parent)
-        return {"ppid_outside": s.outside(m.global_pid)["ppid"], "expected": new_parent,
-                "ppid_inside": s.call("state")["ppid"], "parent_nspid": nspid(new_parent)}
+        return {
+            "ppid_outside": s.outside(m.global_pid)["ppid"],
+            "expected": new_parent,
+            "ppid_inside": s.call("state")["ppid"],
+            "parent_nspid": nspid(new_parent),
+        }
     finally:
         a.kill()
         b.kill()
@@ -494,7 +543,7 @@ def refusals() -> dict:
 
         # A stopped process never reaches a safe point: the wait is bounded.
         s = Subject(a)
-        os.kill(s.gpid, signal.SIGSTOP)
+        stop(s.gpid)
         t0 = time.monotonic()
         cases["stopped_timeout"] = migrate_errno(s.gpid, b.path, timeout=1.0)
         out["timeout_elapsed"] = time.monotonic() - t0
@@ -512,7 +561,7 @@ def refusals() -> dict:
         out["after_dead_target"] = {"inside": s.call("state"), "outside": s.outside()}
 
         # The process is SIGKILLed while its migration is queued.
-        os.kill(s.gpid, signal.SIGSTOP)
+        stop(s.gpid)
         res: dict = {}
 
         def waiter():
@@ -529,11 +578,12 @@ def refusals() -> dict:
 
         # A waiter interrupted by a signal leaves the process as it was.
         s = Subject(a)
-        os.kill(s.gpid, signal.SIGSTOP)
+        stop(s.gpid)
         st0 = stats()
         r, w = os.pipe()
         pid = os.fork()
         if pid == 0:
+
             class Interrupted(Exception):
                 pass
 
@@ -568,6 +618,44 @@ def refusals() -> dict:
 
 
 @check
+def traced_then_stopped() -> dict:
+    """A process whose tracer exited, then stopped, then asked to migrate, then continued."""
+    a, b = Namespace("TA", 1), Namespace("TB", 1)
+    steps: dict = {}
+    try:
+        s = Subject(a)
+        tracer = os.fork()
+        if tracer == 0:
+            if libc.ptrace(0x4206, s.gpid, None, None) != 0:  # PTRACE_SEIZE
+                os._exit(1)
+            time.sleep(60)
+            os._exit(0)
+        time.sleep(0.5)
+        steps["traced"] = migrate_errno(s.gpid, b.path)
+        os.kill(tracer, signal.SIGKILL)
+        os.waitpid(tracer, 0)
+        steps["alive_after_tracer_exit"] = exists(s.gpid)
+        stop(s.gpid)
+        steps["state_when_stopped"] = status(s.gpid)["State"]
+        steps["stopped_timeout"] = migrate_errno(s.gpid, b.path, timeout=1.0)
+        steps["alive_after_timeout"] = exists(s.gpid)
+        os.kill(s.gpid, signal.SIGCONT)
+        time.sleep(0.5)
+        steps["alive_after_cont"] = exists(s.gpid)
+        try:
+            _, st = os.waitpid(s.gpid, os.WNOHANG)
+            steps["wait_status"] = st
+        except ChildProcessError:
+            steps["wait_status"] = "ECHILD"
+        if exists(s.gpid):
+            steps["state"] = s.call("state")
+        return steps
+    finally:
+        a.kill()
+        b.kill()
+
+
+@check
 def bad_ioctl() -> dict:
     """Malformed requests, bad pointers and unknown commands."""
     import fcntl
@@ -587,8 +675,9 @@ def bad_ioctl() -> dict:
         return 0
 
     def req(**kw) -> bytes:
-        base = dict(size=uapi.REQ_SIZE_VER1, version=uapi.ABI_VERSION, pid=s.gpid,
-                    target_fd=b.ns_fd)
+        base = dict(
+            size=uapi.REQ_SIZE_VER1, version=uapi.ABI_VERSION, pid=s.gpid, target_fd=b.ns_fd
+        )
         base.update(kw)
         return bytes(uapi.NsmigrateReq(**base))
 
@@ -621,8 +710,12 @@ def bad_ioctl() -> dict:
         pidfd_task = os.pidfd_open(s.gpid)
         pidfd_target = os.pidfd_open(b.init)
         m = lib.migrate(pidfd_task, pidfd_target, pidfd=True)
-        res["pidfd_migration"] = {"pid": m.pid, "global_pid": m.global_pid,
-                                  "nspid": nspid(m.global_pid), "b_init": b.init}
+        res["pidfd_migration"] = {
+            "pid": m.pid,
+            "global_pid": m.global_pid,
+            "nspid": nspid(m.global_pid),
+            "b_init": b.init,
+        }
         os.close(pidfd_task)
         os.close(pidfd_target)
         return res
@@ -674,10 +767,19 @@ def stress_back_and_forth() -> dict:
         state = s.call("state")
         settle()
         slab1 = slab_objects(("pid", "nsproxy"))
-        return {"n": n, "errors": errors, "elapsed_s": elapsed, "state": state,
-                "start": start, "slab_before": slab0, "slab_after": slab1,
-                "final_nspid": nspid(gpid), "a_children": a.children(), "b_children":
-                b.children(), "gpid": gpid}
+        return {
+            "n": n,
+            "errors": errors,
+            "elapsed_s": elapsed,
+            "state": state,
+            "start": start,
+            "slab_before": slab0,
+            "slab_after": slab1,
+            "final_nspid": nspid(gpid),
+            "a_children": a.children(),
+            "b_children": b.children(),
+            "gpid": gpid,
+        }
     finally:
         a.kill()
         b.kill()
@@ -725,8 +827,13 @@ def stress_concurrent() -> dict:
         for i, s in enumerate(subjects):
             s.gpid = results.get(i, {}).get("gpid", s.gpid)
             states.append({"counter": s.call("state")["counter"], "nspid": nspid(s.gpid)})
-        return {"per": per, "results": results, "states": states, "elapsed_s": elapsed,
-                "alive_threads": sum(t.is_alive() for t in threads)}
+        return {
+            "per": per,
+            "results": results,
+            "states": states,
+            "elapsed_s": elapsed,
+            "alive_threads": sum(t.is_alive() for t in threads),
+        }
     finally:
         for c in churners:
             os.kill(c, signal.SIGKILL)
@@ -768,8 +875,11 @@ def target_init_killed_in_burst() -> dict:
         s.kill()
     os.close(b.ns_fd)
     a.kill()
-    return {"codes": codes, "init_reaped_after_s": init_reaped_after,
-            "hung_threads": sum(t.is_alive() for t in threads)}
+    return {
+        "codes": codes,
+        "init_reaped_after_s": init_reaped_after,
+        "hung_threads": sum(t.is_alive() for t in threads),
+    }
 
 
 @check
@@ -790,8 +900,9 @@ def fuzz() -> dict:
         for i in range(n):
             kind = rng.random()
             if kind < 0.1:
-                arg: int | bytearray = rng.choice([0, 1, 0xDEAD0000, 0xFFFF888000000000,
-                                                  rng.getrandbits(64)])
+                arg: int | bytearray = rng.choice(
+                    [0, 1, 0xDEAD0000, 0xFFFF888000000000, rng.getrandbits(64)]
+                )
             elif kind < 0.4:
                 arg = bytearray(rng.getrandbits(8) for _ in range(rng.choice([4, 8, 64, 72])))
             else:
@@ -840,8 +951,11 @@ def main() -> int:
         try:
             results[name] = {"ok": True, "data": CHECKS[name]()}
         except BaseException as e:  # record and go on: one boot runs every check
-            results[name] = {"ok": False, "error": f"{type(e).__name__}: {e}",
-                             "traceback": traceback.format_exc()}
+            results[name] = {
+                "ok": False,
+                "error": f"{type(e).__name__}: {e}",
+                "traceback": traceback.format_exc(),
+            }
         results[name]["seconds"] = time.monotonic() - t0
         with open(path, "w") as f:
             json.dump(results, f, indent=1, default=str)
