@@ -15,7 +15,7 @@ from nsexp import testbed
 
 from .test_kmod_build import SUPPORTED, supported_releases
 
-pytestmark = pytest.mark.vm
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(2400)]
 
 BACK_AND_FORTH = 10_000
 FUZZ = 100_000
