@@ -283,7 +283,7 @@ def _read_int(path: Path) -> int | None:
         return None
 
 
-def _vm_processes(marker: str) -> list[int]:
+def vm_processes(marker: str) -> list[int]:
     """PIDs of vng/virtme/qemu processes whose command line contains ``marker``."""
     pids = []
     for d in Path("/proc").iterdir():
@@ -690,7 +690,7 @@ def _kill_vm(proc: subprocess.Popen, marker: str) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-    for pid in _vm_processes(marker):
+    for pid in vm_processes(marker):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:

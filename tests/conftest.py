@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from nsexp.testbed import TestbedError, VMTestbed, _vm_processes
+from nsexp.testbed import TestbedError, VMTestbed
 
 
 @pytest.fixture(scope="session")
@@ -21,8 +21,3 @@ def vm_testbed() -> VMTestbed:
     except TestbedError as e:
         pytest.fail(f"VM testbed unavailable: {e}", pytrace=False)
     return tb
-
-
-def vm_processes(marker: str) -> list[int]:
-    """vng/virtme/qemu processes whose command line mentions ``marker`` (a run's out_dir)."""
-    return _vm_processes(marker)

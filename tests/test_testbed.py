@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import vm_processes
 
 from nsexp import testbed as tb
 from nsexp.testbed import (
@@ -23,6 +22,7 @@ from nsexp.testbed import (
     default_kernel,
     get_testbed,
     kernel_log_problems,
+    vm_processes,
 )
 
 # --------------------------------------------------------------------------------------------
