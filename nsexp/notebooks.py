@@ -113,6 +113,7 @@ def execute_notebook(
 
     src, out = Path(source), Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
+    _warn_foreign_kernel(kernel_name)
     root = str(repo_root())
     pythonpath = os.environ.get("PYTHONPATH", "")
     if root not in pythonpath.split(os.pathsep):
@@ -129,6 +130,25 @@ def execute_notebook(
         execution_timeout=timeout,
     )
     return out
+
+
+def _warn_foreign_kernel(kernel_name: str) -> None:
+    """Warn if the kernel would run another interpreter than this one (e.g. a user-level
+    ``python3`` kernelspec shadowing the venv's), which may lack pandas or matplotlib."""
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    try:
+        argv = KernelSpecManager().get_kernel_spec(kernel_name).argv
+    except NoSuchKernel:
+        return  # papermill reports it with the list of kernels
+    exe = Path(argv[0]) if argv else None
+    if exe is not None and exe.is_absolute() and exe.resolve() != Path(sys.executable).resolve():
+        print(
+            f"warning: Jupyter kernel {kernel_name!r} runs {exe}, not {sys.executable}; "
+            f"register this one with `{sys.executable} -m ipykernel install --sys-prefix "
+            f"--name {kernel_name}` or pass --kernel",
+            file=sys.stderr,
+        )
 
 
 def run_notebooks(

@@ -161,8 +161,12 @@ def plot_process_trees(
         ax.axis("off")
         ax.text(0.5, 0.5, "no process snapshot recorded", ha="center", va="center")
         return fig
-    max_rows = max(int(procs[procs["snapshot"] == s].groupby("ns").size().max()) for s in snapshots)
-    ncols = min(len(snapshots), 2) if len(snapshots) > 1 else 1
+    # One spare row for the ghost of the worker's previous place.
+    max_rows = 1 + max(
+        int(procs[procs["snapshot"] == s].groupby("ns").size().max()) for s in snapshots
+    )
+    # Wide layouts (many namespaces) get one panel per row so that labels stay readable.
+    ncols = 1 if len(snapshots) == 1 or len(namespaces) > 5 else 2
     nrows = (len(snapshots) + ncols - 1) // ncols
     panel_w = 1.5 * len(namespaces) + 0.4
     panel_h = 0.55 * max_rows + 1.2
@@ -249,6 +253,9 @@ def _draw_snapshot(
             color = ROLE_COLORS.get(role, _DEFAULT_COLOR)
             label = f"{p['name'] if 'name' in p and pd.notna(p['name']) else role} {_fmt(p['pid'])}"
             gpid = f" (g{_fmt(p['global_pid'])})" if pd.notna(p["global_pid"]) else ""
+            state = p.get("state")
+            if isinstance(state, str) and state not in ("S", "R", ""):
+                gpid += f" [{state}]"  # e.g. a predecessor still exiting (D) or a zombie (Z)
             is_worker = role == "worker"
             if is_worker:
                 worker_at = (i + 0.5, -(j + 0.5))
@@ -281,10 +288,11 @@ def _draw_snapshot(
                 bbox={"boxstyle": "round,pad=0.25", "fc": "none", "ec": "#999999", "ls": "--"},
             )
     if worker_at is not None and ghost_at is not None and worker_at[0] != ghost_at[0]:
+        side = 0.32 if worker_at[0] > ghost_at[0] else -0.32  # leave and enter facing sides
         ax.annotate(
             "",
-            xy=(worker_at[0] - 0.32, worker_at[1]),
-            xytext=(ghost_at[0] + 0.32, ghost_at[1]),
+            xy=(worker_at[0] - side, worker_at[1]),
+            xytext=(ghost_at[0] + side, ghost_at[1]),
             arrowprops={"arrowstyle": "->", "color": ROLE_COLORS["worker"], "lw": 1.2},
         )
 
