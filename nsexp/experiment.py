@@ -320,7 +320,8 @@ def _run_native(
     testbed_label: str,
     command: Sequence[str] | None,
 ) -> RunResult:
-    backend = get_backend(backend_name)
+    options = {"log_dir": str(out / "criu-logs")} if backend_name == "criu" else {}
+    backend = get_backend(backend_name, **options)
     backend.check()
     run_id = new_run_id(backend_name)
     kernel = os.uname().release
@@ -517,6 +518,36 @@ def _assemble(
 # -- the VM testbed --------------------------------------------------------------------------
 
 
+def guest_command(
+    spec: LayoutSpec, backend: str, out: Path | str, *, timeout: float, echo: bool = True
+) -> str:
+    """The shell command that makes one native run inside the guest, recorded as "vm".
+
+    ``python3 -m nsexp.experiment`` imports only this module's standard-library chain (not the
+    whole CLI), which matters where each import is slow.
+    """
+    return shlex.join(
+        [
+            "python3",
+            "-m",
+            "nsexp.experiment",
+            "run",
+            "--backend",
+            backend,
+            "--testbed",
+            "native",
+            "--record-testbed",
+            "vm",
+            "--out",
+            str(out),
+            "--timeout",
+            f"{timeout:g}",
+            *([] if echo else ["--quiet"]),
+            *spec.cli_args(),
+        ]
+    )
+
+
 def _run_vm(
     spec: LayoutSpec,
     backend: str,
@@ -536,31 +567,14 @@ def _run_vm(
     inner = (
         timeout if timeout is not None else 60.0 + (30.0 if backend == "criu" else 10.0) * spec.hops
     )
-    # `python3 -m nsexp.experiment` imports only this module's standard-library chain.
-    guest = shlex.join(
-        [
-            "python3",
-            "-m",
-            "nsexp.experiment",
-            "run",
-            "--backend",
-            backend,
-            "--testbed",
-            "native",
-            "--record-testbed",
-            "vm",
-            "--out",
-            str(out),
-            "--timeout",
-            f"{inner:g}",
-            *([] if echo else ["--quiet"]),
-            *spec.cli_args(),
-        ]
-    )
+    guest = guest_command(spec, backend, out, timeout=inner, echo=echo)
     batch = bed.run_batch([guest], out_dir=out, timeout=inner + 600, load_module=backend == "kmod")
     res = batch.results[0]
-    if echo and res.stdout:
-        print(res.stdout, end="" if res.stdout.endswith("\n") else "\n")
+    if echo:
+        # The worker's own lines, as printed inside the guest (the table is reprinted below).
+        for line in res.stdout.splitlines():
+            if line.startswith("hop "):
+                print(f"[guest] {line}")
     meta: dict[str, Any] = {}
     if (out / RUN_FILE).exists():
         meta = json.loads((out / RUN_FILE).read_text())
@@ -601,6 +615,102 @@ def _run_vm(
         processes=processes,
         meta=meta,
     )
+
+
+# -- many clients at once --------------------------------------------------------------------
+
+
+CONCURRENCY_FILE = "concurrency.json"
+
+
+def concurrency(backend_name: str, clients: int, out: Path, timeout: float = 120.0) -> dict:
+    """``clients`` processes of namespace A ask at the same moment to move to namespace B.
+
+    Each writes what it became (pid, namespace, start time) to ``out``; the summary goes to
+    ``out/concurrency.json`` and is returned. With kmod the same processes continue in B (same
+    start time); with restart successors are forked there. B's next free PIDs are 2..clients+1.
+    """
+    backend = get_backend(backend_name)
+    backend.check()
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    landed_dir = out / "landed"
+    landed_dir.mkdir(exist_ok=True)
+    for old in landed_dir.glob("*.json"):
+        old.unlink()
+    socket_path = os.path.join(_socket_dir(), f"{new_run_id(backend_name)}-conc.sock")
+    side = worker_side(backend_name, entry="land") if backend_name == "restart" else None
+    side = side or worker_side(backend_name)
+
+    def land(state: dict[str, Any], error: str | None = None) -> None:
+        from nsexp import nsutil
+
+        me = nsutil.self_info()
+        rec = {**state, "pid": os.getpid(), "global_pid": me.global_pid, "inode": me.ns_inode}
+        rec.update(start_time_after=me.start_time, error=error)
+        tmp = landed_dir / f"{state['i']}.tmp"
+        tmp.write_text(json.dumps(rec))
+        os.replace(tmp, landed_dir / f"{state['i']}.json")
+
+    def client(i: int) -> Any:
+        def main() -> None:
+            from nsexp import nsutil
+            from nsexp.client import Client, ManagerError
+
+            side.prepare()
+            me = nsutil.self_info()
+            state = {"i": i, "pid_before": os.getpid(), "start_time_before": me.start_time}
+            try:
+                reply = Client(socket_path).migrate(
+                    "B", request_sent=time.monotonic_ns(), **side.request_fields(state)
+                )
+                if side.after_reply(reply) is None:
+                    return  # restart: the successor reports
+            except (ManagerError, MigrationError) as exc:
+                land(state, str(exc))
+                return
+            land(state)
+
+        return main
+
+    hierarchy = Hierarchy(
+        [
+            NamespacePlan("A", clients, {i: client(i) for i in range(clients)}),
+            NamespacePlan("B", 0),
+        ],
+        entries={"land": lambda payload: land(payload["state"])},
+    )
+    manager = None
+    started = time.monotonic()
+    try:
+        hierarchy.start()
+        manager = Manager(socket_path, backend, hierarchy.namespaces, {("A", "B")})
+        manager.start()
+        hierarchy.go()
+        deadline = time.monotonic() + timeout
+        while len(list(landed_dir.glob("*.json"))) < clients and time.monotonic() < deadline:
+            time.sleep(0.05)
+        elapsed = time.monotonic() - started
+        inode_b = hierarchy.namespaces["B"].inode
+    finally:
+        if manager is not None:
+            manager.stop(timeout=2.0)
+        hierarchy.stop()
+    rows = [json.loads(p.read_text()) for p in sorted(landed_dir.glob("*.json"))]
+    ok_rows = [r for r in rows if not r.get("error")]
+    summary = {
+        "backend": backend_name,
+        "clients": clients,
+        "landed": len(ok_rows),
+        "errors": [r["error"] for r in rows if r.get("error")],
+        "pids": sorted(r["pid"] for r in ok_rows),
+        "all_in_target": all(r["inode"] == inode_b for r in ok_rows),
+        "same_process": all(r["start_time_before"] == r["start_time_after"] for r in ok_rows),
+        "elapsed_s": round(elapsed, 3),
+        "kernel": os.uname().release,
+    }
+    (out / CONCURRENCY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
 
 
 # -- command line ----------------------------------------------------------------------------
@@ -684,10 +794,23 @@ def register_cli(subparsers: Any) -> None:
     p.set_defaults(func=command)
 
 
+def _concurrency_command(args: argparse.Namespace) -> int:
+    summary = concurrency(args.backend, args.clients, args.out, timeout=args.timeout)
+    print(json.dumps(summary))
+    return 0 if summary["landed"] == args.clients and summary["all_in_target"] else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m nsexp.experiment {run,concurrency}``: what the VM guest runs."""
     parser = argparse.ArgumentParser(prog="python -m nsexp.experiment")
     sub = parser.add_subparsers(dest="cmd", required=True)
     register_cli(sub)
+    p = sub.add_parser("concurrency", help="many clients migrating at the same moment")
+    p.add_argument("--backend", choices=BACKENDS, default="kmod")
+    p.add_argument("--clients", type=int, default=64)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--timeout", type=float, default=120.0)
+    p.set_defaults(func=_concurrency_command)
     args = parser.parse_args(argv)
     return int(args.func(args))
 

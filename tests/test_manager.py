@@ -374,3 +374,21 @@ def test_concurrent_pings_from_threads(sock, three_ns):
         for t in threads:
             t.join()
         assert results == [os.getpid()] * 32
+
+
+@pytest.mark.vm
+def test_64_concurrent_clients_kmod_in_vm(vm_testbed, tmp_path):
+    """The same 64 processes move at once: B's PIDs 2..65, same start times, clean kernel log."""
+    cmd = (
+        "python3 -m nsexp.experiment concurrency --backend kmod --clients 64"
+        ' --out "$NSEXP_OUT/conc"'
+    )
+    batch = vm_testbed.run_batch([cmd], out_dir=tmp_path, timeout=900)
+    res = batch.results[0]
+    summary_path = tmp_path / "conc" / "concurrency.json"
+    assert summary_path.exists(), f"{res.returncode}\n{res.stdout}\n{res.stderr}"
+    summary = json.loads(summary_path.read_text())
+    assert summary["errors"] == [] and summary["landed"] == 64, summary
+    assert summary["pids"] == list(range(2, 66))
+    assert summary["all_in_target"] and summary["same_process"]
+    assert batch.module_loaded and batch.kernel_log_problems() == []

@@ -50,9 +50,12 @@ def _criu_error(log_path: Path, fallback: str) -> str:
 class ManagerSide(Backend):
     name = "criu"
 
-    def __init__(self, work_dir: str = WORK_DIR, timeout: float = 300.0) -> None:
+    def __init__(
+        self, work_dir: str = WORK_DIR, timeout: float = 300.0, log_dir: str | None = None
+    ) -> None:
         self.work_dir = work_dir
         self.timeout = timeout
+        self.log_dir = log_dir  # CRIU's logs are copied there (the work dir may be tmpfs)
 
     def check(self) -> None:
         for tool in ("criu", "nsenter"):
@@ -78,6 +81,8 @@ class ManagerSide(Backend):
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=self.timeout)
         except subprocess.TimeoutExpired:
             return False, f"criu {args[0]} timed out after {self.timeout:g} s"
+        finally:
+            self._keep_log(images, log)
         if proc.returncode == 0:
             return True, ""
         fallback = (proc.stderr or proc.stdout).strip()[-500:] or f"exit {proc.returncode}"
@@ -112,6 +117,15 @@ class ManagerSide(Backend):
             self._finish(result_path, timings, "criu_restore_failed", err)
             raise MigrationError("criu_restore_failed", err, client_gone=True, timings=timings)
         self._finish(result_path, timings, None, None)
+
+    def _keep_log(self, images: Path, log: str) -> None:
+        if self.log_dir is None or not (images / log).exists():
+            return
+        try:
+            os.makedirs(self.log_dir, exist_ok=True)
+            shutil.copyfile(images / log, Path(self.log_dir) / f"{images.name}-{log}")
+        except OSError:
+            pass  # the log is a convenience; the error row has CRIU's message already
 
     @staticmethod
     def _finish(path: Path, timings: dict[str, Any], code: str | None, error: str | None) -> None:

@@ -1,0 +1,85 @@
+"""The criu baseline records each hop as CRIU made it, or why CRIU could not: never a hop that
+did not happen. CRIU fails on the host (vdso), so the runs that can succeed are VM-only."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from nsexp import nsutil
+from nsexp.backends.criu import _criu_error
+from nsexp.experiment import LayoutSpec, guest_command, read_records, run
+
+
+def assert_honest(hops: list[dict]) -> None:
+    """Rows are real hops up to the first failure, which carries CRIU's words; nothing after."""
+    assert hops and hops[0]["hop"] == 0 and hops[0]["status"] == "ok"
+    failed = [i for i, h in enumerate(hops) if h["status"] != "ok"]
+    if failed:
+        first = failed[0]
+        assert first == len(hops) - 1, "rows after a failed hop"
+        bad = hops[first]
+        assert bad["pid"] is None and bad["global_pid"] is None and bad["start_time"] is None
+        assert "criu" in bad["error"]
+    for h in hops:
+        if h["status"] == "ok":
+            assert h["value"] == 100 * (h["hop"] + 1) and h["pid"] is not None
+
+
+def test_criu_error_picks_criu_own_lines(tmp_path):
+    log = tmp_path / "restore.log"
+    log.write_text(
+        "(00.1) restore: Forking task with 3 pid (flags 0x0)\n"
+        "(00.9) Error (criu/cr-restore.c:1491): Can't fork for 3: File exists\n"
+        "(00.9) Error (criu/cr-restore.c:2611): Restoring FAILED.\n"
+    )
+    msg = _criu_error(log, "fallback")
+    assert "Can't fork for 3: File exists" in msg and "Restoring FAILED" in msg
+    assert _criu_error(tmp_path / "missing.log", "fallback") == "fallback"
+
+
+@pytest.mark.skipif(shutil.which("criu") is None, reason="criu is not installed (make setup)")
+def test_criu_native_never_reports_a_hop_it_did_not_make(tmp_path):
+    result = run(LayoutSpec(), "criu", "native", tmp_path, echo=False)
+    hops = result.hops
+    assert_honest(hops)
+    # On this kind of host CRIU cannot dump (vdso); and even where it can, PID 3 is taken in
+    # NS3, so the paper's first hop cannot be restored: the chain stops at hop 1 either way.
+    assert len(hops) == 2 and hops[1]["status"] == "failed" and hops[1]["ns"] == "NS3"
+    assert not result.ok and "hop 1 failed" in (result.error or "")
+    meta = json.loads((tmp_path / "run.json").read_text())
+    inodes = {ns["inode"] for ns in meta["namespaces"].values()}
+    assert nsutil.pids_in_namespaces(inodes) == []
+
+
+@pytest.mark.vm
+def test_criu_in_vm(vm_testbed, tmp_path):
+    """One boot, two layouts: the paper's (PID 3 taken in NS3: CRIU must fail, "File exists")
+    and one where the worker's PID is free in the target (NS3 has no children)."""
+    paper = LayoutSpec()
+    free = LayoutSpec.make(children=[2, 0], route=["NS2", "NS3"])
+    outs = {"paper": tmp_path / "paper", "free": tmp_path / "free"}
+    commands = [
+        guest_command(paper, "criu", outs["paper"], timeout=240, echo=False),
+        guest_command(free, "criu", outs["free"], timeout=240, echo=False),
+    ]
+    batch = vm_testbed.run_batch(commands, out_dir=tmp_path, load_module=False, timeout=1200)
+    logs = "\n".join(f"{r.command}\n{r.stdout}\n{r.stderr}" for r in batch.results)
+    paper_hops = read_records(outs["paper"])
+    free_hops = read_records(outs["free"])
+    assert_honest(paper_hops)
+    assert_honest(free_hops)
+    assert paper_hops[-1]["hop"] == 1 and paper_hops[-1]["status"] == "failed", logs
+    assert "File exists" in paper_hops[-1]["error"], logs
+    assert [(h["ns"], h["value"], h["pid"], h["status"]) for h in free_hops] == [
+        ("NS2", 100, 3, "ok"),
+        ("NS3", 200, 3, "ok"),  # CRIU keeps the PID; a new task (new start time)
+    ], logs
+    assert free_hops[0]["start_time"] != free_hops[1]["start_time"]
+    for out in outs.values():
+        assert Path(out, "run.json").exists() and Path(out, "hops.csv").exists()
+    assert os.path.isdir(tmp_path)
