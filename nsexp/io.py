@@ -64,10 +64,44 @@ HOP_COLUMNS: tuple[str, ...] = (
 PROCESS_COLUMNS: tuple[str, ...] = ("snapshot", "ns", "role", "pid", "global_pid", "ppid")
 
 #: Columns of the paper's hop table (see :func:`hop_table`).
-HOP_TABLE_COLUMNS: tuple[str, ...] = ("hop", "ns", "value", "pid", "runs", "agree")
+HOP_TABLE_COLUMNS: tuple[str, ...] = (
+    "hop",
+    "ns",
+    "value",
+    "pid",
+    "runs",
+    "agree",
+    "failed",
+    "error",
+)
 
-_INT_COLUMNS = ("hop", "value", "pid", "global_pid", "ppid", "snapshot", "repeat", *PHASE_COLUMNS)
-_STR_COLUMNS = ("run_id", "backend", "testbed", "kernel", "ns", "status", "error", "role")
+_INT_COLUMNS = (
+    "hop",
+    "value",
+    "pid",
+    "global_pid",
+    "ppid",
+    "snapshot",
+    "repeat",
+    "runs",
+    "agree",
+    "failed",
+    "expected_value",
+    "expected_pid",
+    *PHASE_COLUMNS,
+)
+_STR_COLUMNS = (
+    "run_id",
+    "backend",
+    "testbed",
+    "kernel",
+    "ns",
+    "expected_ns",
+    "status",
+    "error",
+    "role",
+    "state",
+)
 
 #: Above this many rows a table is written as Parquet rather than CSV.
 CSV_MAX_ROWS = 10_000
@@ -259,36 +293,77 @@ def find_run_dirs(root: str | os.PathLike[str]) -> list[Path]:
     return sorted(p.parent for p in root.rglob(HOPS_FILE))
 
 
+def ok_mask(hops: pd.DataFrame) -> pd.Series:
+    """True for the rows of hops that happened: status ok (or none) and no error."""
+    ok = pd.Series(True, index=hops.index)
+    if "status" in hops.columns:
+        status = hops["status"].astype("string").str.lower()
+        ok &= status.isna() | status.isin(["ok", "success", "done"])
+    if "error" in hops.columns:
+        ok &= hops["error"].isna() | (hops["error"].astype("string") == "")
+    return ok.astype(bool)
+
+
 def hop_table(hops: pd.DataFrame) -> pd.DataFrame:
     """The paper's hop table: per hop the namespace, value and PID.
 
-    Over several repeats each cell is the most common value; ``runs`` counts the runs that made
-    the hop and ``agree`` those whose (ns, value, pid) equal the row's. Failed hops (a status
-    other than ok, or an error) are left out of the counts.
+    Over several repeats each cell is the most common value among the runs that made the hop;
+    ``runs`` counts those runs and ``agree`` those whose (ns, value, pid) equal the row's.
+    A hop that failed in some runs (e.g. CRIU could not restore) counts them in ``failed`` with
+    the most common ``error``; if it failed in every run, value and PID stay empty.
     """
-    h = hops
-    if _has(h, "status"):
-        ok = h["status"].isna() | h["status"].str.lower().isin(["ok", "success", "done"])
-        h = h[ok]
-    if _has(h, "error"):
-        h = h[h["error"].isna() | (h["error"] == "")]
+    ok = ok_mask(hops)
     rows = []
-    for hop, g in h.groupby("hop", sort=True, dropna=True):
-        key = g[["ns", "value", "pid"]].astype("string").fillna("")
-        mode = key.value_counts().index[0]
-        agree = int((key.apply(tuple, axis=1) == tuple(mode)).sum())
-        first = g[(key.apply(tuple, axis=1) == tuple(mode))].iloc[0]
-        rows.append(
-            {
-                "hop": hop,
-                "ns": first["ns"],
-                "value": first["value"],
-                "pid": first["pid"],
-                "runs": int(g["run_id"].nunique()) if "run_id" in g else len(g),
-                "agree": agree,
-            }
-        )
+    for hop, g in hops.groupby("hop", sort=True, dropna=True):
+        good, bad = g[ok.loc[g.index]], g[~ok.loc[g.index]]
+        row: dict[str, Any] = {"hop": hop, "value": pd.NA, "pid": pd.NA, "agree": 0}
+        if len(good):
+            key = good[["ns", "value", "pid"]].astype("string").fillna("").apply(tuple, axis=1)
+            mode = key.value_counts().index[0]
+            first = good[key == mode].iloc[0]
+            row.update(ns=first["ns"], value=first["value"], pid=first["pid"])
+            row["agree"] = int((key == mode).sum())
+        else:
+            row["ns"] = bad["ns"].mode().iloc[0] if bad["ns"].notna().any() else pd.NA
+        row["runs"] = _count_runs(good)
+        row["failed"] = _count_runs(bad)
+        errors = bad["error"].dropna() if "error" in bad.columns else pd.Series(dtype="string")
+        errors = errors[errors != ""]
+        row["error"] = errors.mode().iloc[0] if len(errors) else pd.NA
+        rows.append(row)
     return _coerce(pd.DataFrame(rows, columns=list(HOP_TABLE_COLUMNS)))
+
+
+def _count_runs(g: pd.DataFrame) -> int:
+    return int(g["run_id"].nunique()) if "run_id" in g.columns else len(g)
+
+
+def compare_expected(runs: Runs) -> pd.DataFrame:
+    """The hop table beside the run's prediction (``run.json`` "expected": values and PIDs by
+    the rule "next free PID in the target namespace"); ``match`` says whether they agree."""
+    table = hop_table(runs.hops)
+    meta = runs.meta[0] if runs.meta else {}
+    expected = meta.get("expected") or {}
+    route = (meta.get("spec") or {}).get("route") or []
+    pids, values = expected.get("pids") or [], expected.get("values") or []
+    n = max(len(pids), len(values), len(route))
+    exp = pd.DataFrame(
+        {
+            "hop": range(n),
+            "expected_ns": [route[i] if i < len(route) else pd.NA for i in range(n)],
+            "expected_value": [values[i] if i < len(values) else pd.NA for i in range(n)],
+            "expected_pid": [pids[i] if i < len(pids) else pd.NA for i in range(n)],
+        }
+    )
+    out = exp.merge(table, on="hop", how="outer").sort_values("hop", ignore_index=True)
+    same = (
+        (out["ns"].astype("string") == out["expected_ns"].astype("string"))
+        & (out["value"].astype("Int64") == out["expected_value"].astype("Int64"))
+        & (out["pid"].astype("Int64") == out["expected_pid"].astype("Int64"))
+    )
+    out["match"] = same.fillna(False).astype(bool)
+    cols = ["hop", "ns", "value", "pid", "expected_ns", "expected_value", "expected_pid", "match"]
+    return _coerce(out[cols + [c for c in out.columns if c not in cols]])
 
 
 def phase_durations(hops: pd.DataFrame) -> pd.DataFrame:
@@ -448,7 +523,8 @@ def write_runs(
     command: str | Sequence[str] | None = None,
     **extra: Any,
 ) -> dict[str, Path]:
-    """Write a batch's tidy tables: ``<prefix>_hops``, ``_hop_table``, ``_processes``, ``_runs``.
+    """Write a batch's tidy tables: ``<prefix>_hops``, ``_hop_table``, ``_processes``, ``_runs``
+    and, where the runs carry a prediction, ``_expected`` (see :func:`compare_expected`).
 
     ``extra`` goes into every provenance sidecar (for example the notebook and its parameters).
     """
@@ -459,4 +535,6 @@ def write_runs(
         "processes": runs.processes,
         "runs": runs.runs,
     }
+    if any(m.get("expected") for m in runs.meta):
+        tables["expected"] = compare_expected(runs)
     return {k: write_table(v, directory, f"{prefix}_{k}", prov) for k, v in tables.items()}

@@ -8,6 +8,7 @@ PDF and PNG.
 from __future__ import annotations
 
 import os
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -91,17 +92,30 @@ def plot_hop_table(hops: pd.DataFrame, title: str | None = None) -> Figure:
     """The paper's table: namespace, value and PID at each hop.
 
     Over repeats each row shows the most common (ns, value, pid) and how many runs agree.
+    Hops that failed (e.g. CRIU could not restore) are shown as such, with their error below.
     """
     table = nio.hop_table(hops)
-    many = bool(len(table)) and int(table["runs"].max()) > 1
-    header = ["Hop", "Namespace", "Value", "PID"] + (["Runs agreeing"] if many else [])
-    cells = []
+    nruns = hops["run_id"].nunique() if "run_id" in hops.columns else 1
+    many = nruns > 1
+    failures = bool(len(table)) and int(table["failed"].fillna(0).max()) > 0
+    header = ["Hop", "Namespace", "Value", "PID"]
+    header += ["Runs agreeing"] if many else []
+    header += ["Failed"] if failures else []
+    cells, errors = [], []
     for _, r in table.iterrows():
-        row = [str(r["hop"]), str(r["ns"]), _fmt(r["value"]), _fmt(r["pid"])]
+        row = [str(r["hop"]), str(r["ns"]), _fmt(r["value"]) or "-", _fmt(r["pid"]) or "-"]
         if many:
-            row.append(f"{r['agree']}/{r['runs']}")
+            row.append(f"{r['agree']}/{nruns}")
+        if failures:
+            failed = int(r["failed"]) if pd.notna(r["failed"]) else 0
+            if failed and pd.notna(r["error"]):
+                errors.append(str(r["error"]))
+                row.append(f"{failed}/{nruns} [{len(errors)}]")
+            else:
+                row.append(f"{failed}/{nruns}" if failed else "")
         cells.append(row)
-    fig, ax = plt.subplots(figsize=(1.3 * len(header) + 1, 0.45 * (len(cells) + 1) + 0.9))
+    height = 0.45 * (len(cells) + 1) + 0.9 + 0.3 * len(errors)
+    fig, ax = plt.subplots(figsize=(1.3 * len(header) + 1, height))
     ax.axis("off")
     if cells:
         tbl = ax.table(cellText=cells, colLabels=header, loc="center", cellLoc="center")
@@ -112,10 +126,18 @@ def plot_hop_table(hops: pd.DataFrame, title: str | None = None) -> Figure:
             if row == 0:
                 cell.set_text_props(weight="bold")
                 cell.set_facecolor("#e8e8e8")
+            elif failures and cells[row - 1][-1]:
+                cell.set_facecolor("#fde0dd")  # a hop that failed in some run
     else:
-        ax.text(0.5, 0.5, "no successful hop", ha="center", va="center")
+        ax.text(0.5, 0.5, "no hop recorded", ha="center", va="center")
+    if errors:
+        notes = "\n".join(
+            textwrap.shorten(f"[{i}] {e}", width=110, placeholder=" ...")
+            for i, e in enumerate(errors, 1)
+        )
+        fig.text(0.02, 0.01, notes, ha="left", va="bottom", fontsize=7, color="#a50f15")
     ax.set_title(title or _title(hops, "Chained execution"), fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.04 * len(errors), 1, 1))
     return fig
 
 

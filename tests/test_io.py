@@ -82,7 +82,9 @@ def make_run(folder: Path, run_id: str = "r1", backend: str = "kmod", phases: bo
         "kernel": "6.1.0-test-amd64",
         "code_version": "abc1234",
         "command": "nsexp run --backend kmod --testbed vm --out x",
+        "expected": {"pids": [3, 5, 6, 7], "values": [100, 200, 300, 400]},
         "spec": {
+            "route": ["NS2", "NS3", "NS4", "NS5"],
             "namespaces": ["NS2", "NS3", "NS4", "NS5"],
             "children": [2, 3, 4, 5],
             "increments": 100,
@@ -141,7 +143,12 @@ def test_hop_table_skips_failed_hops(tmp_path: Path) -> None:
     df.loc[1, ["status", "error", "pid"]] = ["failed", "Can't fork for 3: File exists", None]
     df.to_csv(folder / nio.HOPS_FILE, index=False)
     table = nio.hop_table(nio.read_run(folder).hops)
-    assert table["hop"].tolist() == [0, 2, 3]
+    assert table["hop"].tolist() == [0, 1, 2, 3]
+    failed = table.iloc[1]
+    assert failed["ns"] == "NS3" and failed["runs"] == 0 and failed["failed"] == 1
+    assert pd.isna(failed["value"]) and pd.isna(failed["pid"])
+    assert failed["error"] == "Can't fork for 3: File exists"
+    assert table["failed"].tolist() == [0, 1, 0, 0]
 
 
 def test_phase_durations(tmp_path: Path) -> None:
@@ -184,7 +191,7 @@ def test_write_table_large_goes_parquet(tmp_path: Path, monkeypatch: pytest.Monk
 def test_write_runs(tmp_path: Path) -> None:
     runs = nio.read_runs([make_run(tmp_path / "r0", "r0")])
     paths = nio.write_runs(runs, tmp_path / "data", "chained", command="test")
-    assert set(paths) == {"hops", "hop_table", "processes", "runs"}
+    assert set(paths) == {"hops", "hop_table", "processes", "runs", "expected"}
     for p in paths.values():
         assert p.exists() and p.stat().st_size > 0
         assert nio.provenance_path(p).exists()
@@ -196,3 +203,20 @@ def test_provenance_mixed_backends(tmp_path: Path) -> None:
         [make_run(tmp_path / "a", "a", "kmod"), make_run(tmp_path / "b", "b", "restart")]
     )
     assert nio.provenance(runs)["backend"] == ["kmod", "restart"]
+
+
+def test_compare_expected(tmp_path: Path) -> None:
+    runs = nio.read_runs([make_run(tmp_path / "r0", "r0")])
+    cmp = nio.compare_expected(runs)
+    assert cmp["match"].tolist() == [True] * 4
+    assert cmp["expected_pid"].tolist() == [3, 5, 6, 7]
+    folder = make_run(tmp_path / "bad", "bad")
+    df = pd.read_csv(folder / nio.HOPS_FILE)
+    df.loc[2, "pid"] = 9
+    df.to_csv(folder / nio.HOPS_FILE, index=False)
+    assert nio.compare_expected(nio.read_runs([folder]))["match"].tolist() == [
+        True,
+        True,
+        False,
+        True,
+    ]

@@ -19,7 +19,7 @@ from nsexp import notebooks as nb
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 PAPER = [("NS2", 100, 3), ("NS3", 200, 5), ("NS4", 300, 6), ("NS5", 400, 7)]
-TABLES = ("hops", "hop_table", "processes", "runs")
+TABLES = ("hops", "hop_table", "processes", "runs", "expected")
 
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0, reason="the experiment creates PID namespaces: needs root"
@@ -128,6 +128,7 @@ def _check_chained_outputs(tmp_path: Path, backend: str) -> pd.DataFrame:
         "hop_table": set(nio.HOP_TABLE_COLUMNS),
         "processes": set(nio.PROCESS_COLUMNS) | {"run_id", "repeat"},
         "runs": {"repeat", "run_id", "backend", "testbed"},
+        "expected": {"hop", "ns", "value", "pid", "expected_value", "expected_pid", "match"},
     }
     for table in TABLES:
         path = data / f"chained_{table}.csv"
@@ -158,6 +159,8 @@ def test_notebook_01_restart_native(tmp_path: Path) -> None:
     assert executed.exists()
     table = _check_chained_outputs(tmp_path, "restart")
     assert [tuple(r) for r in table[["ns", "value", "pid"]].itertuples(index=False)] == PAPER
+    expected = nio.read_table(tmp_path / "data" / "chained_expected.csv")[0]
+    assert expected["match"].all()
     prov = nio.read_table(tmp_path / "data" / "chained_hops.csv")[1]
     assert prov["command"].startswith("nsexp figures -n 01 -p backend restart")
     assert prov["parameters"]["repeats"] == 1

@@ -70,3 +70,18 @@ def test_empty_tables(tmp_path: Path) -> None:
     fig = plotting.plot_hop_table(run.hops.iloc[0:0])
     _check(plotting.save_figure(fig, tmp_path / "empty_table"))
     plt.close("all")
+
+
+def test_hop_table_figure_shows_failures(tmp_path: Path) -> None:
+    import pandas as pd
+
+    folder = make_run(tmp_path / "c", backend="criu")
+    df = pd.read_csv(folder / nio.HOPS_FILE, dtype={"error": object, "pid": object})
+    df.loc[1, ["status", "error", "pid"]] = ["failed", "Can't fork for 3: File exists", None]
+    df.to_csv(folder / nio.HOPS_FILE, index=False)
+    fig = plotting.plot_hop_table(nio.read_run(folder).hops)
+    cells = {c.get_text().get_text() for c in fig.axes[0].tables[0].get_celld().values()}
+    assert {"Failed", "1/1 [1]", "-"} <= cells
+    assert any("File exists" in t.get_text() for t in fig.texts)
+    _check(plotting.save_figure(fig, tmp_path / "criu_table"))
+    plt.close(fig)
