@@ -238,3 +238,25 @@ def test_notebook_01_kmod_vm(tmp_path: Path) -> None:
     assert runs["vm.kernel_log_problems"].tolist() == ["[]", "[]"]
     for ext in ("pdf", "png"):
         assert (tmp_path / "figures" / f"chained_phase_timings.{ext}").stat().st_size > 1000
+
+
+@needs_root
+def test_run_batch_repeats_native(tmp_path: Path) -> None:
+    """run_batch: one folder per repeat, read back as tidy tables numbered by repeat."""
+    runs = nb.run_batch("restart", "native", tmp_path, repeats=2, **nb.LAYOUTS["quick"])
+    assert [p.name for p in nio.find_run_dirs(tmp_path)] == ["000", "001"]
+    assert runs.hops["repeat"].tolist() == [0, 0, 1, 1]
+    assert runs.hops["value"].tolist() == [10, 20, 10, 20]
+    assert len(runs.runs) == 2 and runs.runs["ok"].all()
+
+
+def test_cli_figures_failing_notebook(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A notebook that fails makes `nsexp figures` exit 1 and name the error."""
+    from nsexp import cli
+
+    args = ["figures", "-n", "01", "--build-dir", str(tmp_path), "--no-progress"]
+    args += ["-p", "backend", "nope", "-p", "testbed", "native"]
+    args += ["-p", "data_dir", str(tmp_path / "d"), "-p", "figures_dir", str(tmp_path / "f")]
+    assert cli.main(args) == 1
+    assert "unknown backend" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
