@@ -114,6 +114,10 @@ class _Init:
         nsutil.set_comm(f"nsexp-init-{self.plan.name}")
         # If the parent dies (even by SIGKILL) this init dies, and with it the whole namespace.
         nsutil.set_pdeathsig(signal.SIGKILL)
+        # Ctrl-C reaches the whole process group: the parent handles it (it kills every init);
+        # the tree must not die in pieces with tracebacks. Children inherit these dispositions.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         self.go_r, self.go_w = os.pipe()
         pids = [self._fork_child(i) for i in range(self.plan.children)]
         os.close(self.go_r)

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -374,6 +377,31 @@ def test_concurrent_pings_from_threads(sock, three_ns):
         for t in threads:
             t.join()
         assert results == [os.getpid()] * 32
+
+
+@pytest.mark.skipif(shutil.which("criu") is None, reason="criu is not installed (make setup)")
+def test_manager_cli_runs_in_the_foreground(tmp_path, three_ns):
+    sock = tmp_path / "cli.sock"
+    cmd = [sys.executable, "-m", "nsexp", "manager", "--socket", str(sock), "--backend", "criu"]
+    cmd += ["--ns", f"A={three_ns.init_pids['A']}", "--ns", f"B={three_ns.init_pids['B']}"]
+    cmd += ["--allow", "A:B"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_for(sock.exists, 20)
+        assert oct(sock.stat().st_mode & 0o777) == oct(0o600)
+        out = tmp_path / "ping.json"
+        pid = in_ns(three_ns.namespaces["A"], lambda: write_json(out, Client(str(sock)).ping()))
+        os.waitpid(pid, 0)
+        assert json.loads(out.read_text())["ns"] == "A"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not sock.exists()
+    assert "listening on" in proc.stderr.read()
 
 
 @pytest.mark.vm

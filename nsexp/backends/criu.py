@@ -75,7 +75,14 @@ class ManagerSide(Backend):
         }
 
     def _criu(self, init_pid: int, args: list[str], images: Path, log: str) -> tuple[bool, str]:
-        cmd = ["nsenter", "-t", str(init_pid), "-p", "-m", "criu", *args]
+        # CRIU must run inside the process's PID namespace and read a /proc of that namespace:
+        # the experiment's namespaces share the global mount namespace (and its /proc), so by
+        # default CRIU gets a private mount namespace with a fresh /proc ("proc" mode).
+        if os.environ.get("NSEXP_CRIU_MODE", "proc") == "plain":
+            cmd = ["nsenter", "-t", str(init_pid), "-p", "-m", "criu", *args]
+        else:
+            cmd = ["nsenter", "-t", str(init_pid), "-p", "--"]
+            cmd += ["unshare", "-m", "--mount-proc", "criu", *args]
         cmd += ["-D", str(images), "-o", log, "-v4"]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=self.timeout)
