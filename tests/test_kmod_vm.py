@@ -13,7 +13,7 @@ import pytest
 
 from nsexp import testbed
 
-from .test_kmod_build import SUPPORTED, supported_releases
+from test_kmod_build import SUPPORTED, supported_releases
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(2400)]
 
