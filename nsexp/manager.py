@@ -74,7 +74,7 @@ class Manager:
         self._thread: threading.Thread | None = None
         self._conns: set[threading.Thread] = set()
         self._conns_lock = threading.Lock()
-        self.served = 0
+        self.served = 0  # requests read (under _conns_lock: threads increment it)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -234,7 +234,8 @@ class Manager:
             log.warning("pid %d: read failed: %s", peer.pid, exc)
             return
         received = time.monotonic_ns()
-        self.served += 1
+        with self._conns_lock:
+            self.served += 1
         op = req.get("op")
         if op == "ping":
             self._try_send(conn, self._ping(peer))
