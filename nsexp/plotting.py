@@ -131,14 +131,23 @@ def plot_hop_table(hops: pd.DataFrame, title: str | None = None) -> Figure:
     else:
         ax.text(0.5, 0.5, "no hop recorded", ha="center", va="center")
     if errors:
-        notes = "\n".join(
-            textwrap.shorten(f"[{i}] {e}", width=110, placeholder=" ...")
-            for i, e in enumerate(errors, 1)
-        )
+        notes = "\n".join(_error_note(i, e) for i, e in enumerate(errors, 1))
         fig.text(0.02, 0.01, notes, ha="left", va="bottom", fontsize=7, color="#a50f15")
     ax.set_title(title or _title(hops, "Chained execution"), fontsize=11)
-    fig.tight_layout(rect=(0, 0.04 * len(errors), 1, 1))
+    fig.tight_layout(rect=(0, min(0.5, 0.08 * len(errors)), 1, 1))
     return fig
+
+
+def _error_note(i: int, error: str) -> str:
+    """A short footnote for an error: its code and its last two parts (tools such as CRIU log
+    the real cause just before the final "FAILED"); the tables keep the whole message."""
+    parts = [p.strip() for p in error.split(" | ") if p.strip()]
+    code = error.split(":", 1)[0] if ":" in error else ""
+    text = " | ".join(parts[-2:]) if len(parts) > 1 else error
+    if code and not text.startswith(code):
+        text = f"{code}: ... {text}"
+    lines = textwrap.wrap(f"[{i}] {text}", width=120)
+    return "\n".join(lines[:2]) + (" ..." if len(lines) > 2 else "")
 
 
 def _fmt(v: object) -> str:
