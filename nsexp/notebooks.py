@@ -399,7 +399,12 @@ class Explorer:
         finally:
             self.button.disabled = False
         self.runs = runs
-        self.status.value = f"done in {time.monotonic() - t0:.1f} s: {folder}"
+        from nsexp import io as nio
+
+        ok = int(nio.ok_mask(runs.hops).sum())
+        self.status.value = (
+            f"done in {time.monotonic() - t0:.1f} s: {ok}/{len(runs.hops)} stops ok, in {folder}"
+        )
         with self.output:
             self.output.clear_output(wait=True)
             show_runs(runs, display)

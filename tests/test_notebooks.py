@@ -260,3 +260,21 @@ def test_cli_figures_failing_notebook(tmp_path: Path, capsys: pytest.CaptureFixt
     assert cli.main(args) == 1
     assert "unknown backend" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
+
+
+@needs_root
+def test_explorer_button_runs(tmp_path: Path) -> None:
+    """Pressing Run in the explorer runs the chosen layout and keeps the result."""
+    explorer = nb.Explorer(tmp_path, backend="restart", testbed="native", layout="quick")
+    assert explorer.status.value == "ready"
+    explorer.button.click()
+    assert explorer.runs is not None, explorer.status.value
+    assert explorer.status.value.startswith("done")
+    assert explorer.runs.hops["value"].tolist() == [10, 20]
+    assert not explorer.button.disabled
+    explorer.backend.value = (
+        "criu"  # criu needs CRIU on this host: the failure is shown, not raised
+    )
+    explorer.testbed.value = "native"
+    explorer.button.click()
+    assert explorer.status.value.startswith(("<b>failed</b>", "done"))
