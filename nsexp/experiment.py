@@ -339,13 +339,14 @@ def _run_native(
         route=list(spec.route),
         increments=spec.increments,
         echo=echo,
+        own_proc=backend_name == "criu",
     )
     worker = Worker(cfg, worker_side(backend_name))
     plans = [
         NamespacePlan(ns, n, {spec.worker_index: worker.start} if ns == spec.worker_ns else {})
         for ns, n in zip(spec.namespaces, spec.children, strict=True)
     ]
-    hierarchy = Hierarchy(plans, entries={"worker": worker.resume})
+    hierarchy = Hierarchy(plans, entries={"worker": worker.resume}, own_proc=cfg.own_proc)
     events: queue.Queue[dict[str, Any]] = queue.Queue()
     snapshots: list[dict[str, Any]] = []
     snap_lock = threading.Lock()

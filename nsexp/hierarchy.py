@@ -102,10 +102,17 @@ def _sleep_forever() -> None:
 class _Init:
     """Code of a namespace init (PID 1); runs in the forked child, single-threaded."""
 
-    def __init__(self, plan: NamespacePlan, ctl: socket.socket, entries: dict[str, Entry]):
+    def __init__(
+        self,
+        plan: NamespacePlan,
+        ctl: socket.socket,
+        entries: dict[str, Entry],
+        own_proc: bool = False,
+    ):
         self.plan = plan
         self.ctl = ctl
         self.entries = entries
+        self.own_proc = own_proc
         self.label = "nsexp"
         self.go_r = -1
         self.go_w = -1
@@ -118,6 +125,8 @@ class _Init:
         # the tree must not die in pieces with tracebacks. Children inherit these dispositions.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if self.own_proc:
+            nsutil.private_proc()  # before the children: they share it
         self.go_r, self.go_w = os.pipe()
         pids = [self._fork_child(i) for i in range(self.plan.children)]
         os.close(self.go_r)
@@ -201,13 +210,17 @@ class Hierarchy:
         plans: list[NamespacePlan],
         entries: dict[str, Entry] | None = None,
         ready_timeout: float = 30.0,
+        own_proc: bool = False,
     ) -> None:
+        """``own_proc``: each namespace also gets a mount namespace with its own /proc (for
+        CRIU); its processes then see namespace-local pids in /proc."""
         names = [p.name for p in plans]
         if len(set(names)) != len(names):
             raise ValueError("namespace names must be unique")
         self.plans = plans
         self.entries = entries or {}
         self.ready_timeout = ready_timeout
+        self.own_proc = own_proc
         self.namespaces: dict[str, Namespace] = {}
         self.children: dict[str, list[int]] = {}  # in-namespace pids reported by each init
         self.inodes: dict[int, str] = {}
@@ -241,7 +254,7 @@ class Hierarchy:
             parent_end.detach()
             _close_fds_except({child_end.fileno()})
             _rebind_stdio()
-            init = _Init(plan, child_end, self.entries)
+            init = _Init(plan, child_end, self.entries, self.own_proc)
             _child_exit(init.main)
         child_end.close()
         self._init_pids.append(pid)

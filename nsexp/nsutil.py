@@ -13,6 +13,9 @@ import os
 from dataclasses import dataclass
 
 CLONE_NEWPID = 0x20000000
+CLONE_NEWNS = 0x00020000
+MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x2, 0x4, 0x8
+MS_REC, MS_PRIVATE = 0x4000, 0x40000
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
 
@@ -34,6 +37,23 @@ def unshare(flags: int) -> None:
 def setns(fd: int, nstype: int) -> None:
     """setns(2)."""
     _check(_libc.setns(ctypes.c_int(fd), ctypes.c_int(nstype)), "setns")
+
+
+def mount(source: str | None, target: str, fstype: str | None, flags: int) -> None:
+    """mount(2) without data."""
+    enc = lambda v: None if v is None else v.encode()  # noqa: E731
+    _check(_libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), None), "mount")
+
+
+def private_proc() -> None:
+    """Give the caller its own mount namespace with a /proc of its PID namespace.
+
+    CRIU must run in the dumped process's PID namespace, in that process's mount namespace, and
+    read a /proc that matches: namespaces that use the criu backend get this from their init.
+    """
+    unshare(CLONE_NEWNS)
+    mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing propagates back to the host
+    mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
 
 
 def set_pdeathsig(sig: int) -> None:

@@ -64,6 +64,7 @@ class WorkerConfig:
     route: list[str]
     increments: int
     echo: bool = True  # print one line per hop to stdout
+    own_proc: bool = False  # /proc is the namespace's (criu): ask the manager for the global pid
 
 
 def blank_record(cfg: WorkerConfig, hop: int, ns: str) -> dict[str, Any]:
@@ -143,11 +144,17 @@ class Worker:
     ) -> dict[str, Any]:
         """This process as it is now, plus the timings of the hop that brought it here."""
         me = nsutil.self_info()
+        global_pid = me.global_pid
+        if self.cfg.own_proc:
+            try:
+                global_pid = int(self.client.ping()["global_pid"])
+            except (ManagerError, KeyError, ValueError):
+                global_pid = None
         rec = blank_record(self.cfg, hop, self.cfg.route[hop])
         rec.update(
             value=value,
             pid=os.getpid(),
-            global_pid=me.global_pid,
+            global_pid=global_pid,
             ppid=os.getppid(),
             start_time=me.start_time,
             status="ok",

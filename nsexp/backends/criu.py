@@ -75,14 +75,10 @@ class ManagerSide(Backend):
         }
 
     def _criu(self, init_pid: int, args: list[str], images: Path, log: str) -> tuple[bool, str]:
-        # CRIU must run inside the process's PID namespace and read a /proc of that namespace:
-        # the experiment's namespaces share the global mount namespace (and its /proc), so by
-        # default CRIU gets a private mount namespace with a fresh /proc ("proc" mode).
-        if os.environ.get("NSEXP_CRIU_MODE", "proc") == "plain":
-            cmd = ["nsenter", "-t", str(init_pid), "-p", "-m", "criu", *args]
-        else:
-            cmd = ["nsenter", "-t", str(init_pid), "-p", "--"]
-            cmd += ["unshare", "-m", "--mount-proc", "criu", *args]
+        # Inside the process's PID and mount namespaces (the hierarchy gives each namespace a
+        # mount namespace with its own /proc for this backend): CRIU then reads the right /proc
+        # and, sharing the process's mount namespace, does not try to dump the mount tree.
+        cmd = ["nsenter", "-t", str(init_pid), "-p", "-m", "criu", *args]
         cmd += ["-D", str(images), "-o", log, "-v4"]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=self.timeout)
