@@ -147,3 +147,22 @@ def test_parent_killed_takes_the_tree_down(tmp_path):
 def test_duplicate_names_refused():
     with pytest.raises(ValueError):
         Hierarchy([NamespacePlan("A", 1), NamespacePlan("A", 2)])
+
+
+def test_own_proc_gives_each_namespace_its_proc(tmp_path):
+    out = tmp_path / "proc.json"
+    host_mounts = Path("/proc/self/mountinfo").read_text()
+
+    def prog():
+        pids = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
+        write_json(out, {"self": os.readlink("/proc/self"), "pids": pids})
+
+    h = Hierarchy([NamespacePlan("A", 2, {1: prog})], own_proc=True)
+    with h:
+        h.go()
+        assert wait_for(out.exists)
+        # Seen from inside: its own PIDs only (what CRIU needs); the host's /proc is untouched.
+        assert json.loads(out.read_text()) == {"self": "3", "pids": [1, 2, 3]}
+        assert Path("/proc/self/mountinfo").read_text() == host_mounts
+        rows = h.snapshot(0)
+        assert sorted(r["pid"] for r in rows) == [1, 2]
