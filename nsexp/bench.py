@@ -2,8 +2,20 @@
 
 ``nsexp bench kernel``: the module's ioctl round trip and its own switch time, beside
 fork()+waitpid() and getpid(), all from one C program in one boot (nsexp/csrc/kernel_bench.c).
-Results are ratios measured side by side; absolute times under QEMU's emulation (TCG) are far
-slower than on hardware.
+
+``nsexp bench hop``: end-to-end hop latency (request sent -> process resumed in the target) and
+its phases for the kmod, restart and criu backends, beside the bare request/reply round trip to
+the manager over the same socket (op ``ping``), all in one boot; the kernel benchmark runs in the
+same boot too (``--kernel-n 0`` skips it). Guest side: :mod:`nsexp.benchguest`.
+
+``nsexp bench scaling``: per-hop cost of kmod migrations as the work grows: route length (hops
+over many namespaces), nesting depth, processes already in the target, concurrent clients
+(manager throughput), all in one boot.
+
+Every table is written with a ``<name>.provenance.json`` beside it (run metadata, parameters,
+the guest's facts, summary, ratios, targets). Results are ratios measured side by side; absolute
+times under QEMU's emulation (TCG) are far slower than on hardware. Host side: standard library
+only (the notebooks' pandas/matplotlib code is in :mod:`nsexp.benchplots`).
 """
 
 from __future__ import annotations
@@ -11,19 +23,27 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
+import shlex
 import shutil
 import statistics
 import subprocess
+import sys
+import threading
 import time
 import uuid
-from dataclasses import dataclass
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from nsexp import testbed as tb
 
 REPO = Path(__file__).resolve().parent.parent
 CSRC = Path(__file__).resolve().parent / "csrc"
 BENCH_BUILD = REPO / "build" / "bench"
+DATA = REPO / "data"
 
 KERNEL_METRICS = (
     "ioctl_round_trip",
@@ -32,6 +52,71 @@ KERNEL_METRICS = (
     "fork_wait",
     "getpid",
 )
+META_COLUMNS = ("run_id", "benchmark", "testbed", "kernel", "code_version", "timestamp")
+
+#: Stamps of a hop, in the order they happen (a backend fills only some of them).
+STAMPS = (
+    "request_sent",
+    "manager_received",
+    "migrate_started",
+    "kernel_queued",
+    "kernel_switch_started",
+    "kernel_done",
+    "dump_done",
+    "restore_done",
+    "reply_sent",
+    "resumed",
+)
+#: Phase between two consecutive stamps -> a readable name (the rest are "a->b").
+PHASE_NAMES = {
+    ("request_sent", "manager_received"): "request to manager",
+    ("manager_received", "migrate_started"): "manager: peer + route",
+    ("migrate_started", "kernel_queued"): "ioctl entry",
+    ("kernel_queued", "kernel_switch_started"): "wait for safe point",
+    ("kernel_switch_started", "kernel_done"): "kernel switch",
+    ("kernel_done", "reply_sent"): "ioctl return + reply",
+    ("reply_sent", "resumed"): "reply to process",
+    ("manager_received", "reply_sent"): "manager: peer + route + reply",
+    ("reply_sent", "migrate_started"): "old process exits / closes",
+    ("migrate_started", "resumed"): "successor forked + starts",
+    ("migrate_started", "dump_done"): "criu dump",
+    ("dump_done", "restore_done"): "criu restore",
+    ("restore_done", "resumed"): "restored process notices",
+}
+
+#: Sizes of the full runs (what data/ holds); the tests use tiny ones.
+HOP_DEFAULTS: dict[str, Any] = {
+    "backends": ["kmod", "restart", "criu"],
+    "n": 300,
+    "warmup": 30,
+    "pings": 300,
+    "ping_warmup": 30,
+    "criu_n": 10,
+    "criu_warmup": 1,
+    "timeout_per_hop": 5.0,
+}
+SCALING_DEFAULTS: dict[str, Any] = {
+    "sweeps": ["route", "depth", "population", "clients"],
+    "n": 100,
+    "warmup": 20,
+    "route_hops": 1000,
+    "route_namespaces": 32,
+    "depths": list(range(1, 32)),
+    "populations": [0, 10, 100, 1000, 3000, 10000],
+    "clients": [1, 2, 4, 8, 16, 32, 64],
+    "client_hops": 20,
+    "timeout_per_hop": 5.0,
+}
+
+#: Targets of issue 6: reported (met or not), never asserted.
+TARGETS = {
+    "criu / kmod": (">=", 500.0),
+    "restart / kmod": (">=", 10.0),
+    "kmod / round_trip": ("<=", 3.0),
+    "fork_wait / kernel_switch": (">", 1.0),
+    "route: max/min per-hop median": ("<=", 1.2),
+    "population: max/min per-hop median": ("<=", 1.2),
+}
 
 
 def build_c(name: str) -> Path:
@@ -50,18 +135,25 @@ def build_c(name: str) -> Path:
     return out
 
 
-def summarize(values: list[int]) -> dict[str, float]:
-    """Median and 90th percentile of a sample, in nanoseconds."""
+def summarize(values: Sequence[float]) -> dict[str, float]:
+    """n, median and 90th percentile of a sample (nanoseconds in, nanoseconds out)."""
+    if len(values) < 2:
+        v = float(values[0]) if values else math.nan
+        return {"n": len(values), "median_ns": v, "p90_ns": v}
     qs = statistics.quantiles(values, n=10, method="inclusive")
     return {"n": len(values), "median_ns": statistics.median(values), "p90_ns": qs[8]}
 
 
 @dataclass
 class BenchResult:
+    """A benchmark's tables, summary (per metric: n, median_ns, p90_ns), ratios and metadata."""
+
     table: Path
     summary: dict[str, dict[str, float]]
     ratios: dict[str, float]
     meta: dict
+    tables: list[Path] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def code_version() -> str:
@@ -76,64 +168,100 @@ def code_version() -> str:
         return "unknown"
 
 
-def run_kernel(
-    testbed: str | tb.Testbed = "vm",
-    *,
-    n: int = 1000,
-    warmup: int = 100,
-    out_dir: Path = REPO / "data",
-    kernel: str | None = None,
-) -> BenchResult:
-    """Run the kernel benchmark on a testbed and write ``out_dir/bench-kernel.csv``."""
-    bed = (
-        tb.get_testbed(testbed, **({"kernel": kernel} if kernel else {}))
-        if isinstance(testbed, str)
-        else testbed
-    )
-    binary = build_c("kernel_bench")
-    print(f"bench kernel: {n} migrations (+{warmup} warm-up) on {bed!r} ...", flush=True)
-    batch = bed.run_batch(
-        [f'{binary} {n} {warmup} > "$NSEXP_OUT/kernel_bench.csv"'],
-        timeout=1800,
-        command_timeout=1500,
-    )
-    res = batch.results[0]
-    if res.returncode != 0:
-        raise tb.TestbedError(
-            f"kernel_bench failed ({res.returncode}): {res.stderr[-2000:]}", result=batch
-        )
-    samples: dict[str, list[int]] = {m: [] for m in KERNEL_METRICS}
-    with open(batch.out_dir / "kernel_bench.csv") as f:
-        for metric, _, ns in csv.reader(f):
-            samples[metric].append(int(ns))
-    meta = {
+def _bed(testbed: str | tb.Testbed, kernel: str | None, **kw: Any) -> tb.Testbed:
+    if not isinstance(testbed, str):
+        return testbed
+    if testbed == "vm":
+        return tb.VMTestbed(kernel, **kw)
+    return tb.get_testbed(testbed)
+
+
+def _meta(benchmark: str, bed: tb.Testbed, batch: tb.BatchResult, **extra: Any) -> dict[str, Any]:
+    return {
         "run_id": uuid.uuid4().hex[:12],
-        "benchmark": "kernel",
+        "benchmark": benchmark,
         "testbed": bed.name,
         "kernel": batch.kernel_release,
         "code_version": code_version(),
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "n": n,
-        "warmup": warmup,
+        "testbed_repr": repr(bed),
+        "command": shlex.join(["nsexp", *sys.argv[1:]]) if sys.argv else "",
+        "boot_and_batch_s": round(batch.duration_s, 1),
         "kernel_log_problems": batch.kernel_log_problems(),
+        "note": "absolute times under QEMU/TCG emulation are far slower than on hardware; "
+        "compare ratios measured side by side in one boot",
+        **extra,
     }
+
+
+def _check(batch: tb.BatchResult, i: int, what: str) -> None:
+    res = batch.results[i]
+    if res.returncode != 0:
+        raise tb.TestbedError(
+            f"{what} failed ({res.returncode}): {res.stderr[-3000:]}", result=batch
+        )
+
+
+def _write_provenance(table: Path, info: dict[str, Any]) -> Path:
+    side = table.with_name(table.name.split(".")[0] + ".provenance.json")
+    side.write_text(json.dumps(info, indent=1, default=str) + "\n")
+    return side
+
+
+def _run_with_progress(
+    bed: tb.Testbed, commands: list[str], out_dir: Path, label: str, **kw: Any
+) -> tb.BatchResult:
+    """run_batch in a thread while this one prints the guest's progress.log as it grows."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["batch"] = bed.run_batch(commands, out_dir=out_dir, **kw)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            box["error"] = exc
+
+    log = out_dir / "progress.log"
+    log.unlink(missing_ok=True)
+    t = threading.Thread(target=target, daemon=True)
+    t0 = time.monotonic()
+    t.start()
+    seen = 0
+    while t.is_alive():
+        t.join(2.0)
+        try:
+            lines = log.read_text().splitlines()
+        except FileNotFoundError:
+            lines = []
+        for line in lines[seen:]:
+            print(f"  [{label} {time.monotonic() - t0:5.0f}s] {line}", flush=True)
+        seen = max(seen, len(lines))
+    if "error" in box:
+        raise box["error"]
+    return box["batch"]
+
+
+# -- kernel ----------------------------------------------------------------------------------
+
+
+def kernel_command(n: int, warmup: int, out_name: str = "kernel_bench.csv") -> str:
+    """The guest command of the kernel benchmark (the C program built on the host)."""
+    binary = build_c("kernel_bench")
+    return f'{binary} {n} {warmup} > "$NSEXP_OUT/{out_name}"'
+
+
+def write_kernel_table(
+    raw: Path, meta: dict[str, Any], out_dir: Path, extra: dict[str, Any] | None = None
+) -> BenchResult:
+    """Turn kernel_bench's "metric,i,ns" rows into ``out_dir/bench-kernel.csv`` + provenance."""
+    samples: dict[str, list[int]] = {m: [] for m in KERNEL_METRICS}
+    with open(raw) as f:
+        for metric, _, ns in csv.reader(f):
+            samples[metric].append(int(ns))
     out_dir.mkdir(parents=True, exist_ok=True)
     table = out_dir / "bench-kernel.csv"
     with open(table, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(
-            [
-                "run_id",
-                "benchmark",
-                "testbed",
-                "kernel",
-                "code_version",
-                "timestamp",
-                "metric",
-                "i",
-                "ns",
-            ]
-        )
+        w.writerow([*META_COLUMNS, "metric", "i", "ns"])
         for metric, values in samples.items():
             for i, v in enumerate(values):
                 w.writerow(
@@ -156,37 +284,508 @@ def run_kernel(
         "fork_wait / kernel_switch": med["fork_wait"] / med["kernel_switch"],
         "ioctl_round_trip / getpid": med["ioctl_round_trip"] / med["getpid"],
     }
-    (out_dir / "bench-kernel.provenance.json").write_text(
-        json.dumps({**meta, "summary": summary, "ratios": ratios}, indent=1) + "\n"
+    _write_provenance(
+        table, {**meta, **(extra or {}), "file": table.name, "summary": summary, "ratios": ratios}
     )
-    return BenchResult(table, summary, ratios, meta)
+    return BenchResult(table, summary, ratios, meta, [table])
+
+
+def run_kernel(
+    testbed: str | tb.Testbed = "vm",
+    *,
+    n: int = 1000,
+    warmup: int = 100,
+    out_dir: Path = DATA,
+    kernel: str | None = None,
+) -> BenchResult:
+    """Run the kernel benchmark on a testbed and write ``out_dir/bench-kernel.csv``."""
+    bed = _bed(testbed, kernel)
+    cmd = kernel_command(n, warmup)
+    print(f"bench kernel: {n} migrations (+{warmup} warm-up) on {bed!r} ...", flush=True)
+    batch = bed.run_batch([cmd], timeout=1800, command_timeout=1500)
+    _check(batch, 0, "kernel_bench")
+    meta = _meta("kernel", bed, batch, n=n, warmup=warmup)
+    return write_kernel_table(batch.out_dir / "kernel_bench.csv", meta, Path(out_dir))
+
+
+# -- tables of the Python benchmarks ---------------------------------------------------------
+
+
+def _num(v: str) -> int | None:
+    return int(v) if v not in ("", None) else None
+
+
+def read_raw(path: Path) -> list[dict[str, Any]]:
+    """Rows of a guest ``*-raw.csv`` with numbers parsed."""
+    rows = []
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            row: dict[str, Any] = dict(r)
+            for k in ("x", "client", "i", "warmup", "pid", "global_pid", "start_time", "levels"):
+                row[k] = _num(r.get(k, ""))
+            for k in STAMPS:
+                row[k] = _num(r.get(k, ""))
+            rows.append(row)
+    return rows
+
+
+def total_ns(row: dict[str, Any]) -> int | None:
+    """End-to-end time of a hop or round trip: request sent -> resumed (None if incomplete)."""
+    if row.get("request_sent") is None or row.get("resumed") is None:
+        return None
+    return row["resumed"] - row["request_sent"]
+
+
+def phases(row: dict[str, Any]) -> list[tuple[str, int]]:
+    """(phase name, ns) between consecutive stamps the hop has, in time order (a backend's
+    stamps need not follow STAMPS: restart spawns the successor after the reply)."""
+    have = sorted((s for s in STAMPS if row.get(s) is not None), key=lambda s: row[s])
+    out = []
+    for a, b in zip(have, have[1:], strict=False):
+        out.append((PHASE_NAMES.get((a, b), f"{a}->{b}"), row[b] - row[a]))
+    return out
+
+
+TABLE_COLUMNS = (
+    *META_COLUMNS,
+    "sweep",
+    "backend",
+    "kind",
+    "x",
+    "levels",
+    "client",
+    "i",
+    "warmup",
+    "status",
+    "error",
+    "ns",
+    "pid",
+    "global_pid",
+    "start_time",
+    *STAMPS,
+    "total_ns",
+    "kernel_switch_ns",
+)
+
+
+def write_table(rows: Iterable[dict[str, Any]], meta: dict[str, Any], path: Path) -> Path:
+    """One row per measurement with the run's metadata on every row (tidy CSV)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(TABLE_COLUMNS), extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            full = {k: meta.get(k) for k in META_COLUMNS}
+            full.update(r)
+            full["total_ns"] = total_ns(r)
+            ks, kd = r.get("kernel_switch_started"), r.get("kernel_done")
+            full["kernel_switch_ns"] = kd - ks if ks is not None and kd is not None else None
+            w.writerow({k: "" if full.get(k) is None else full[k] for k in TABLE_COLUMNS})
+    tmp.replace(path)
+    return path
+
+
+def measured(rows: Iterable[dict[str, Any]], **match: Any) -> list[dict[str, Any]]:
+    """Rows that count: status ok, not warm-up, and matching ``match`` (column=value)."""
+    return [
+        r
+        for r in rows
+        if r.get("status") == "ok"
+        and not r.get("warmup")
+        and all(r.get(k) == v for k, v in match.items())
+    ]
+
+
+def _target(name: str, value: float) -> str:
+    op, bound = TARGETS[name]
+    ok = {"<=": value <= bound, ">=": value >= bound, ">": value > bound}[op]
+    return f"{'met' if ok else 'MISSED'} (target {op} {bound:g})"
+
+
+# -- hop -------------------------------------------------------------------------------------
+
+
+def hop_summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per backend: end-to-end hop and bare round trip (median, p90), and each phase."""
+    out: dict[str, dict[str, float]] = {}
+    for backend in dict.fromkeys(r["backend"] for r in rows):
+        hops = measured(rows, backend=backend, kind="hop")
+        rts = measured(rows, backend=backend, kind="round_trip")
+        vals = [t for t in map(total_ns, hops) if t is not None]
+        if vals:
+            out[f"{backend} hop"] = summarize(vals)
+        vals = [t for t in map(total_ns, rts) if t is not None]
+        if vals:
+            out[f"{backend} round_trip"] = summarize(vals)
+        per_phase: dict[str, list[int]] = defaultdict(list)
+        for r in hops:
+            for name, ns in phases(r):
+                per_phase[name].append(ns)
+        for name, vals in per_phase.items():
+            out[f"{backend} phase: {name}"] = summarize(vals)
+        failed = [r for r in rows if r["backend"] == backend and r.get("status") != "ok"]
+        if failed:
+            out[f"{backend} failed"] = {"n": len(failed), "median_ns": math.nan, "p90_ns": math.nan}
+    return out
+
+
+def hop_ratios(
+    summary: dict[str, dict[str, float]], kernel: dict[str, dict[str, float]] | None = None
+) -> dict[str, float]:
+    """The ratios of issue 6, from medians measured in the same boot."""
+    med = {k: v["median_ns"] for k, v in summary.items()}
+    ratios = {}
+    kmod = med.get("kmod hop")
+    if kmod:
+        if "criu hop" in med:
+            ratios["criu / kmod"] = med["criu hop"] / kmod
+        if "restart hop" in med:
+            ratios["restart / kmod"] = med["restart hop"] / kmod
+        if med.get("kmod round_trip"):
+            ratios["kmod / round_trip"] = kmod / med["kmod round_trip"]
+    if kernel and "fork_wait" in kernel and "kernel_switch" in kernel:
+        ratios["fork_wait / kernel_switch"] = (
+            kernel["fork_wait"]["median_ns"] / kernel["kernel_switch"]["median_ns"]
+        )
+    return ratios
+
+
+def run_hop(
+    testbed: str | tb.Testbed = "vm",
+    *,
+    out_dir: Path = DATA,
+    kernel: str | None = None,
+    kernel_n: int = 1000,
+    kernel_warmup: int = 100,
+    **params: Any,
+) -> BenchResult:
+    """Run the hop benchmark (and the kernel one, same boot); write ``bench-hop.csv``."""
+    p = {**HOP_DEFAULTS, **{k: v for k, v in params.items() if v is not None}}
+    bed = _bed(testbed, kernel)
+    out_dir = Path(out_dir)
+    work = tb.Testbed._prepare_out_dir(None)
+    cmds = [
+        shlex.join(
+            [
+                "python3",
+                "-m",
+                "nsexp.benchguest",
+                "hop",
+                "--out",
+                str(work),
+                "--params",
+                json.dumps(p),
+            ]
+        )
+    ]
+    if kernel_n:
+        cmds.insert(0, kernel_command(kernel_n, kernel_warmup))
+    per_hop = {"kmod": 1, "restart": 1, "criu": 40}
+    budget = sum(
+        per_hop[b] * p["timeout_per_hop"] * (p["criu_n"] if b == "criu" else p["n"])
+        for b in p["backends"]
+    )
+    print(
+        f"bench hop: backends {', '.join(p['backends'])}; kmod/restart {p['n']} hops, criu "
+        f"{p['criu_n']}; {p['pings']} round trips; kernel {kernel_n} on {bed!r}",
+        flush=True,
+    )
+    batch = _run_with_progress(bed, cmds, work, "hop", timeout=budget + 1200)
+    _check(batch, len(cmds) - 1, "benchguest hop")
+    guest = json.loads((work / "hop-guest.json").read_text())
+    meta = _meta("hop", bed, batch, params=p, guest=guest, raw_dir=str(work))
+    rows = read_raw(work / "hop-raw.csv")
+    table = write_table(rows, meta, out_dir / "bench-hop.csv")
+    summary = hop_summary(rows)
+    kres = None
+    if kernel_n:
+        _check(batch, 0, "kernel_bench")
+        kmeta = {**meta, "benchmark": "kernel", "n": kernel_n, "warmup": kernel_warmup}
+        kres = write_kernel_table(
+            work / "kernel_bench.csv", kmeta, out_dir, {"same_boot_as": "bench-hop.csv"}
+        )
+    ratios = hop_ratios(summary, kres.summary if kres else None)
+    targets = {k: _target(k, v) for k, v in ratios.items() if k in TARGETS}
+    _write_provenance(
+        table,
+        {**meta, "file": table.name, "summary": summary, "ratios": ratios, "targets": targets},
+    )
+    tables = [table] + ([kres.table] if kres else [])
+    return BenchResult(table, summary, ratios, meta, tables, {"targets": targets, "kernel": kres})
+
+
+# -- scaling ---------------------------------------------------------------------------------
+
+
+def _medians_by(rows: list[dict[str, Any]], key: Callable[[dict[str, Any]], Any], value: str):
+    groups: dict[Any, list[int]] = defaultdict(list)
+    for r in rows:
+        v = total_ns(r) if value == "total" else r.get(value)
+        if v is not None:
+            groups[key(r)].append(v)
+    return {k: statistics.median(v) for k, v in sorted(groups.items())}
+
+
+def route_bin(hop_number: int) -> str:
+    """Decade of a hop's position on the route: "1-10", "11-100", "101-1000", ..."""
+    hi = 10
+    while hop_number > hi:
+        hi *= 10
+    return f"{hi // 10 + 1 if hi > 10 else 1}-{hi}"
+
+
+def kernel_switch(r: dict[str, Any]) -> int | None:
+    ks, kd = r.get("kernel_switch_started"), r.get("kernel_done")
+    return kd - ks if ks is not None and kd is not None else None
+
+
+def throughput(rows: list[dict[str, Any]]) -> dict[int, dict[str, float]]:
+    """Per number of clients: measured migrations / span from the first measured request to the
+    last resume (all clients together), in migrations per second."""
+    out = {}
+    for k in sorted({r["x"] for r in rows}):
+        hops = measured(rows, sweep="clients", x=k, kind="hop")
+        if not hops:
+            continue
+        span = max(r["resumed"] for r in hops) - min(r["request_sent"] for r in hops)
+        out[k] = {
+            "migrations": len(hops),
+            "span_s": span / 1e9,
+            "per_s": len(hops) / (span / 1e9) if span > 0 else math.nan,
+            "median_hop_ns": statistics.median(t for t in map(total_ns, hops) if t is not None),
+        }
+    return out
+
+
+def scaling_summary(rows: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, float]]:
+    """Per sweep: medians by x (end-to-end and kernel switch), fits, flatness ratios."""
+    s: dict[str, Any] = {}
+    ratios: dict[str, float] = {}
+    route = measured(rows, sweep="route", kind="hop")
+    if route:
+        bins = _medians_by(route, lambda r: (len(str(r["x"])), route_bin(r["x"])), "total")
+        s["route"] = {b[1]: v for b, v in bins.items()}
+        vals = list(bins.values())
+        ratios["route: max/min per-hop median"] = max(vals) / min(vals)
+        first, last = vals[0], vals[-1]
+        ratios["route: last/first bin"] = last / first
+    depth = measured(rows, sweep="depth", kind="hop")
+    if depth:
+        e2e = _medians_by(depth, lambda r: r["x"], "total")
+        kern = {
+            x: statistics.median(v)
+            for x, v in _group(depth, lambda r: r["x"], kernel_switch).items()
+        }
+        s["depth"] = {"total_median_ns": e2e, "kernel_switch_median_ns": kern}
+        for label, series in (("total", e2e), ("kernel switch", kern)):
+            if len(series) >= 2:
+                xs, ys = list(series), list(series.values())
+                slope, intercept = statistics.linear_regression(xs, ys)
+                r = statistics.correlation(xs, ys) if len(set(ys)) > 1 else math.nan
+                s["depth"][f"fit {label}"] = {
+                    "ns_per_level": slope,
+                    "intercept_ns": intercept,
+                    "r2": r * r,
+                }
+                ratios[f"depth: {label} ns per level"] = slope
+                ratios[f"depth: {label} r2"] = r * r
+    pop = measured(rows, sweep="population", kind="hop", ns="B")
+    if pop:
+        e2e = _medians_by(pop, lambda r: r["x"], "total")
+        kern = {
+            x: statistics.median(v) for x, v in _group(pop, lambda r: r["x"], kernel_switch).items()
+        }
+        s["population"] = {"total_median_ns": e2e, "kernel_switch_median_ns": kern}
+        ratios["population: max/min per-hop median"] = max(e2e.values()) / min(e2e.values())
+        ratios["population: last/first"] = list(e2e.values())[-1] / list(e2e.values())[0]
+    clients = [r for r in rows if r.get("sweep") == "clients"]
+    if clients:
+        thr = throughput(clients)
+        s["clients"] = thr
+        if thr:
+            k1 = min(thr)
+            for k, v in thr.items():
+                ratios[f"clients: throughput {k} / {k1}"] = v["per_s"] / thr[k1]["per_s"]
+    return s, ratios
+
+
+def _group(rows, key, fn) -> dict[Any, list[int]]:
+    groups: dict[Any, list[int]] = defaultdict(list)
+    for r in rows:
+        v = fn(r)
+        if v is not None:
+            groups[key(r)].append(v)
+    return dict(sorted(groups.items()))
+
+
+def run_scaling(
+    testbed: str | tb.Testbed = "vm",
+    *,
+    out_dir: Path = DATA,
+    kernel: str | None = None,
+    memory: str = "3G",
+    **params: Any,
+) -> BenchResult:
+    """Run the scaling sweeps in one boot; write ``bench-scaling.csv`` (one row per hop)."""
+    p = {**SCALING_DEFAULTS, **{k: v for k, v in params.items() if v is not None}}
+    p["populate_binary"] = str(build_c("populate"))
+    # 10,000 parked processes need memory (kernel stacks, page tables): a bigger guest.
+    bed = _bed(testbed, kernel, memory=memory) if testbed == "vm" else _bed(testbed, kernel)
+    out_dir = Path(out_dir)
+    work = tb.Testbed._prepare_out_dir(None)
+    cmd = shlex.join(
+        [
+            "python3",
+            "-m",
+            "nsexp.benchguest",
+            "scaling",
+            "--out",
+            str(work),
+            "--params",
+            json.dumps(p),
+        ]
+    )
+    hops = (
+        p["route_hops"]
+        + len(p["depths"]) * (p["n"] + p["warmup"] + 20)
+        + len(p["populations"]) * (p["n"] + p["warmup"] + 20)
+        + sum(k * (p["client_hops"] + p["warmup"]) for k in p["clients"])
+    )
+    print(f"bench scaling: sweeps {', '.join(p['sweeps'])} (~{hops} hops) on {bed!r}", flush=True)
+    batch = _run_with_progress(
+        bed, [cmd], work, "scaling", timeout=p["timeout_per_hop"] * hops + 1800
+    )
+    _check(batch, 0, "benchguest scaling")
+    guest = json.loads((work / "scaling-guest.json").read_text())
+    meta = _meta("scaling", bed, batch, params=p, guest=guest, raw_dir=str(work))
+    rows = read_raw(work / "scaling-raw.csv")
+    table = write_table(rows, meta, out_dir / "bench-scaling.csv")
+    summary, ratios = scaling_summary(rows)
+    targets = {k: _target(k, v) for k, v in ratios.items() if k in TARGETS}
+    cpus = guest.get("cpus") or 1
+    thr = summary.get("clients") or {}
+    if thr and cpus in thr and min(thr) < cpus:
+        rising = all(
+            thr[a]["per_s"] < thr[b]["per_s"]
+            for a, b in zip(
+                sorted(k for k in thr if k <= cpus),
+                sorted(k for k in thr if k <= cpus)[1:],
+                strict=False,
+            )
+        )
+        targets["clients: throughput rising up to the CPUs"] = (
+            f"{'met' if rising else 'MISSED'} ({cpus} CPUs)"
+        )
+    _write_provenance(
+        table,
+        {**meta, "file": table.name, "summary": summary, "ratios": ratios, "targets": targets},
+    )
+    return BenchResult(table, {}, ratios, meta, [table], {"summary": summary, "targets": targets})
+
+
+# -- CLI -------------------------------------------------------------------------------------
 
 
 def print_result(r: BenchResult) -> None:
-    print(f"{'metric':<22} {'n':>6} {'median':>12} {'p90':>12}")
-    for m, s in r.summary.items():
-        print(f"{m:<22} {s['n']:>6} {s['median_ns'] / 1e3:>10.1f}us {s['p90_ns'] / 1e3:>10.1f}us")
+    if r.summary:
+        print(f"{'metric':<44} {'n':>6} {'median':>12} {'p90':>12}")
+        for m, s in r.summary.items():
+            print(f"{m:<44} {s['n']:>6} {_fmt_ns(s['median_ns']):>12} {_fmt_ns(s['p90_ns']):>12}")
+    kres = r.extra.get("kernel")
+    if kres is not None:
+        print_result(kres)
+    targets = r.extra.get("targets", {})
     for name, value in r.ratios.items():
-        print(f"ratio {name} = {value:.2f}")
+        tail = f"  {targets[name]}" if name in targets else ""
+        print(f"ratio {name} = {value:.3g}{tail}")
+    for name, t in targets.items():
+        if name not in r.ratios:
+            print(f"target {name}: {t}")
     print(f"kernel {r.meta['kernel']} on {r.meta['testbed']}; table {r.table}")
 
 
+def _fmt_ns(ns: float) -> str:
+    if ns != ns:  # NaN
+        return "-"
+    if ns >= 1e9:
+        return f"{ns / 1e9:.2f}s"
+    if ns >= 1e6:
+        return f"{ns / 1e6:.2f}ms"
+    return f"{ns / 1e3:.1f}us"
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
+    out = Path(args.out)
     if args.benchmark == "kernel":
         r = run_kernel(
-            args.testbed, n=args.n, warmup=args.warmup, out_dir=Path(args.out), kernel=args.kernel
+            args.testbed,
+            n=args.n or 1000,
+            warmup=args.warmup or 100,
+            out_dir=out,
+            kernel=args.kernel,
         )
-        print_result(r)
-        return 0 if not r.meta["kernel_log_problems"] else 1
-    raise SystemExit(f"unknown benchmark {args.benchmark!r}")
+    elif args.benchmark == "hop":
+        r = run_hop(
+            args.testbed,
+            out_dir=out,
+            kernel=args.kernel,
+            kernel_n=1000 if args.kernel_n is None else args.kernel_n,
+            n=args.n,
+            warmup=args.warmup,
+            pings=args.pings,
+            criu_n=args.criu_n,
+            backends=args.backends.split(",") if args.backends else None,
+        )
+    elif args.benchmark == "scaling":
+        r = run_scaling(
+            args.testbed,
+            out_dir=out,
+            kernel=args.kernel,
+            n=args.n,
+            warmup=args.warmup,
+            sweeps=args.sweeps.split(",") if args.sweeps else None,
+            route_hops=args.route_hops,
+            route_namespaces=args.route_namespaces,
+            depths=_ints(args.depths) if args.depths else None,
+            populations=_ints(args.populations) if args.populations else None,
+            clients=_ints(args.clients) if args.clients else None,
+            client_hops=args.client_hops,
+        )
+    else:
+        raise SystemExit(f"unknown benchmark {args.benchmark!r}")
+    print_result(r)
+    return 0 if not r.meta["kernel_log_problems"] else 1
 
 
 def register_cli(subparsers) -> None:
-    p = subparsers.add_parser("bench", help="run a benchmark and write its table to data/")
-    p.add_argument("benchmark", choices=["kernel"])
+    p = subparsers.add_parser(
+        "bench",
+        help="run a benchmark (kernel, hop, scaling) and write its table to data/",
+        description="Benchmarks run many repetitions in one boot after a warm-up; tables go to "
+        "--out with a .provenance.json beside each. Defaults are the full sizes.",
+    )
+    p.add_argument("benchmark", choices=["kernel", "hop", "scaling"])
     p.add_argument("--testbed", default="vm", choices=["vm", "native"])
     p.add_argument("--kernel", default=None, help="kernel release for the vm testbed")
-    p.add_argument("--n", type=int, default=1000, help="measured repetitions")
-    p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--out", default=str(REPO / "data"), help="output folder")
+    p.add_argument("--n", type=int, default=None, help="measured repetitions (per point)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up repetitions (per point)")
+    p.add_argument("--out", default=str(DATA), help="output folder (default data/)")
+    g = p.add_argument_group("hop")
+    g.add_argument("--backends", help="comma-separated, default kmod,restart,criu")
+    g.add_argument("--pings", type=int, help="bare round trips per backend session")
+    g.add_argument("--criu-n", type=int, help="criu hops (each takes seconds)")
+    g.add_argument("--kernel-n", type=int, help="kernel benchmark in the same boot (0: skip)")
+    g = p.add_argument_group("scaling")
+    g.add_argument("--sweeps", help="comma-separated subset of route,depth,population,clients")
+    g.add_argument("--route-hops", type=int)
+    g.add_argument("--route-namespaces", type=int)
+    g.add_argument("--depths", help="e.g. 1,2,4,8,16,31")
+    g.add_argument("--populations", help="e.g. 0,100,1000,10000")
+    g.add_argument("--clients", help="e.g. 1,2,4,8,16,32,64")
+    g.add_argument("--client-hops", type=int, help="measured hops per client")
     p.set_defaults(func=_cmd_bench)
