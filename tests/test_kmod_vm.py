@@ -226,7 +226,11 @@ def test_concurrent_migrations_with_fork_churn(guest: dict) -> None:
 def test_target_init_killed_during_burst(guest: dict) -> None:
     d = data(guest, "target_init_killed_in_burst")
     assert d["hung_threads"] == 0
-    assert set(d["codes"]) <= {0, errno.ESRCH, errno.ENXIO}
+    # Each subject alternates B, A, B, ...: a move into the dying B is refused (ENXIO) or the
+    # process dies with B (then ESRCH); one refused stays in A, so its next "back to A" is
+    # EINVAL (already there). Nothing else may come back.
+    assert set(d["codes"]) <= {0, errno.ESRCH, errno.ENXIO, errno.EINVAL}
+    assert errno.ENXIO in d["codes"] or errno.ESRCH in d["codes"]
     assert d["init_reaped_after_s"] < 30
 
 
