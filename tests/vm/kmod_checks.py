@@ -849,9 +849,14 @@ def target_init_killed_in_burst() -> dict:
     subjects = [Subject(a) for _ in range(6)]
     errs: dict[int, list] = {}
 
+    stop_burst = threading.Event()
+
     def run(idx: int, s: Subject) -> None:
+        # Keep migrating until well after B's init is dead, so that some moves race its death.
         gpid, out = s.gpid, []
-        for i in range(60):
+        for i in range(5000):
+            if stop_burst.is_set() and i % 2 == 0:
+                break
             try:
                 target = b.ns_fd if i % 2 == 0 else a.ns_fd
                 gpid = lib.__migrate(gpid, target).global_pid
@@ -868,6 +873,8 @@ def target_init_killed_in_burst() -> dict:
     t0 = time.monotonic()
     os.waitpid(b.init, 0)
     init_reaped_after = time.monotonic() - t0
+    time.sleep(0.5)
+    stop_burst.set()
     for t in threads:
         t.join(120)
     codes = sorted({e for v in errs.values() for e in v})
