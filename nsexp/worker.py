@@ -49,6 +49,7 @@ HOP_COLUMNS = (
     "error",
 )
 RECORDS_FILE = "records.jsonl"
+REEXEC_ENV = "NSEXP_WORKER_CONFIG"  # set in a worker that re-executed itself (criu)
 
 
 @dataclass
@@ -101,8 +102,25 @@ class Worker:
 
     def start(self) -> None:
         """Entry of the original process (hop 0, no migration before it)."""
+        if self.cfg.own_proc and REEXEC_ENV not in os.environ:
+            self._reexec()
         self.side.prepare()
         self.run({"value": 0, "hop": 0, "route": self.cfg.route}, {}, None)
+
+    def _reexec(self) -> None:
+        """Start over as a fresh interpreter, same process (criu only).
+
+        The process was forked before its init entered a new mount namespace, so its memory
+        maps files through the old namespace's mounts, which CRIU cannot find ("Can't lookup
+        mount"). exec maps everything again from the current namespace; the PID stays.
+        """
+        env = dict(os.environ)
+        env[REEXEC_ENV] = json.dumps(asdict(self.cfg))
+        root = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(sys.executable, [sys.executable, "-m", "nsexp.worker"], env)
 
     def resume(self, payload: dict[str, Any]) -> None:
         """Entry of a restart successor: carry on from the forwarded state."""
@@ -202,5 +220,14 @@ def format_hop(rec: dict[str, Any]) -> str:
     )
 
 
-def config_dict(cfg: WorkerConfig) -> dict[str, Any]:
-    return asdict(cfg)
+def main() -> None:
+    """``python -m nsexp.worker``: a worker that re-executed itself carries on here."""
+    from nsexp.backends import worker_side
+
+    nsutil.set_comm("nsexp-worker")
+    cfg = WorkerConfig(**json.loads(os.environ[REEXEC_ENV]))
+    Worker(cfg, worker_side(cfg.backend)).start()
+
+
+if __name__ == "__main__":
+    main()
