@@ -164,5 +164,4 @@ def test_own_proc_gives_each_namespace_its_proc(tmp_path):
         # Seen from inside: its own PIDs only (what CRIU needs); the host's /proc is untouched.
         assert json.loads(out.read_text()) == {"self": "3", "pids": [1, 2, 3]}
         assert Path("/proc/self/mountinfo").read_text() == host_mounts
-        rows = h.snapshot(0)
-        assert sorted(r["pid"] for r in rows) == [1, 2]
+        assert wait_for(lambda: sorted(r["pid"] for r in h.snapshot(0)) == [1, 2])
