@@ -374,6 +374,117 @@ def bench_hop(p: dict[str, Any], errors: list[str]) -> list[dict[str, Any]]:
             recs = _read_jsonl(s.records)
         progress(f"hop {backend}: {len(recs)} records in {time.monotonic() - t0:.1f} s")
         rows += recs
+    if p.get("criu_direct"):
+        rows += bench_criu_direct(p, errors)
+    return rows
+
+
+CRIU_PID = 500  # the criu subject's pid, in A and (restored) in B
+
+
+def _criu_subject() -> None:
+    """A process CRIU can dump: own session, nothing open, and exec'd inside its namespace, so
+    that its mappings belong to the namespace's own mount namespace (a process that only forked
+    after the unshare keeps mappings on the old mount namespace, which CRIU cannot look up).
+    It imports what a migrator imports, to be of comparable size. CRIU restores the same pid,
+    and nsenter + criu themselves take the next free pids in the target: so the subject gets a
+    pid far above them (ns_last_pid of its namespace, which this /proc belongs to)."""
+    Path("/proc/sys/kernel/ns_last_pid").write_text(str(CRIU_PID - 1))
+    if os.fork():
+        os._exit(0)  # the subject is reparented to the namespace's init
+    os.setsid()
+    devnull = os.open("/dev/null", os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.closerange(3, 65536)
+    code = "import nsexp.benchguest, time\nwhile True: time.sleep(0.01)"
+    os.execv(sys.executable, [sys.executable, "-c", code])
+
+
+def _criu(init_pid: int, args: list[str], images: str, log: str, timeout: float) -> str | None:
+    cmd = ["nsenter", "-t", str(init_pid), "-p", "-m", "criu", *args, "-D", images, "-o", log]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"criu {args[0]} timed out after {timeout:g} s"
+    if proc.returncode == 0:
+        return None
+    try:
+        lines = Path(images, log).read_text(errors="replace").splitlines()
+    except OSError:
+        lines = [proc.stderr.strip()]
+    errs = [ln.strip() for ln in lines if "Error" in ln] or lines[-2:]
+    return f"criu {args[0]}: " + " | ".join(errs[-3:])
+
+
+def bench_criu_direct(p: dict[str, Any], errors: list[str]) -> list[dict[str, Any]]:
+    """CRIU dump in A + restore in B (and back), driven directly, of an exec'd Python process
+    of the migrator's kind: the criu baseline measured by this benchmark itself, used when the
+    criu backend cannot make the hop here. Stamps: request_sent (dump starts), dump_done,
+    restore_done = resumed (``restore -d`` returns once the process runs again)."""
+    n, warmup = p["criu_n"], p["criu_warmup"]
+    progress(f"hop criu-direct: {n} dump+restore hops (+{warmup} warm-up) between two namespaces")
+    plans = [NamespacePlan("A", 2, {1: _criu_subject}), NamespacePlan("B", 1)]
+    h = Hierarchy(plans, ready_timeout=120, own_proc=True)
+    rows: list[dict[str, Any]] = []
+    pid = CRIU_PID
+    names = ["A", "B"]
+    try:
+        h.start()
+        h.go()
+        time.sleep(3.0)  # let the exec'd interpreter finish starting before the first dump
+        at = 0
+        for j in range(warmup + n):
+            src, dst = h.namespaces[names[at]], h.namespaces[names[1 - at]]
+            images = f"{GUEST_DIR}/criu-direct-{j}"
+            os.makedirs(images, exist_ok=True)
+            t0 = time.monotonic_ns()
+            err = _criu(src.init_pid, ["dump", "-t", str(pid)], images, "dump.log", 300)
+            t1 = time.monotonic_ns()
+            if err is None:
+                err = _criu(dst.init_pid, ["restore", "-d"], images, "restore.log", 300)
+            t2 = time.monotonic_ns()
+            rec = {
+                "sweep": "hop",
+                "backend": "criu-direct",
+                "kind": "hop",
+                "x": 0,
+                "client": 0,
+                "i": j - warmup,
+                "warmup": int(j < warmup),
+                "ns": dst.name,
+                "pid": pid,
+                "request_sent": t0,
+                "dump_done": t1,
+                "status": "ok" if err is None else "failed",
+                "error": err,
+            }
+            if err is None:
+                rec["resumed"] = t2
+                # Check the hop happened: a process with pid CRIU_PID in the target namespace.
+                there = [
+                    g
+                    for g in nsutil.pids_in_namespaces({dst.inode})
+                    if nsutil.proc_info(g).pid == pid
+                ]
+                if not there:
+                    err = f"restore returned, but no pid {pid} in {dst.name}"
+                    rec.update(status="failed", error=err, resumed=None)
+                else:
+                    rec["global_pid"] = there[0]
+            rows.append(rec)
+            if err is not None:
+                errors.append(f"criu-direct hop {j}: {err}")
+                progress(f"hop criu-direct: hop {j} FAILED: {err}")
+                break
+            at = 1 - at
+            if j % 5 == 4:
+                progress(f"  criu-direct: {j + 1} hops done")
+    except Exception as exc:  # noqa: BLE001
+        errors.append(f"criu-direct: {type(exc).__name__}: {exc}")
+        progress(f"hop criu-direct: FAILED {exc}")
+    finally:
+        h.stop()
     return rows
 
 
