@@ -29,6 +29,8 @@ TIMING_COLUMNS = (
     "kernel_queued",
     "kernel_switch_started",
     "kernel_done",
+    "dump_done",  # criu: checkpoint written
+    "restore_done",  # criu: process restored in the target
     "reply_sent",
     "resumed",
 )

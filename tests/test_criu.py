@@ -4,15 +4,13 @@ did not happen. CRIU fails on the host (vdso), so the runs that can succeed are 
 from __future__ import annotations
 
 import json
-import re
 import shutil
-from pathlib import Path
 
 import pytest
 
 from nsexp import nsutil
 from nsexp.backends.criu import _criu_error
-from nsexp.experiment import LayoutSpec, run
+from nsexp.experiment import LayoutSpec, guest_command, read_records, run
 
 
 def assert_honest(hops: list[dict]) -> None:
@@ -58,18 +56,31 @@ def test_criu_native_never_reports_a_hop_it_did_not_make(tmp_path):
 
 @pytest.mark.vm
 def test_criu_in_vm(vm_testbed, tmp_path):
-    """Inside the VM CRIU runs, but cannot make the paper's first hop: the row says why.
-
-    PID 3 is taken in NS3, so a restore must fail ("File exists"); with namespaces that share
-    the global mount namespace, CRIU (which must run in the process's PID namespace with a
-    /proc of that namespace, hence in a mount namespace of its own) already refuses to dump the
-    global mount tree (9p, overlays). Either way: CRIU's own words, and no hop invented.
-    """
-    result = run(LayoutSpec(), "criu", vm_testbed, tmp_path / "criu", echo=False)
-    hops = result.hops
-    assert_honest(hops)
-    assert [h["status"] for h in hops] == ["ok", "failed"], result.table()
-    assert re.search(r"Error \(criu/|File exists", hops[1]["error"]), hops[1]["error"]
-    assert all(h["testbed"] == "vm" and h["backend"] == "criu" for h in hops)
-    assert not result.ok and result.meta["vm"]["returncode"] == 1
-    assert any(Path(tmp_path, "criu", "criu-logs").glob("*dump.log"))
+    """One boot, two layouts. Where the worker's PID is free in the target (NS3 without
+    children) CRIU makes the hop: same PID, same value carried, a new task. In the paper's
+    layout PID 3 is taken in NS3: the restore fails ("File exists") and the row says so."""
+    free = LayoutSpec.make(children=[2, 0], route=["NS2", "NS3"])
+    outs = {"free": tmp_path / "free", "paper": tmp_path / "paper"}
+    commands = [
+        guest_command(free, "criu", outs["free"], timeout=300, echo=False),
+        guest_command(LayoutSpec(), "criu", outs["paper"], timeout=300, echo=False),
+    ]
+    batch = vm_testbed.run_batch(commands, out_dir=tmp_path, load_module=False, timeout=1500)
+    logs = "\n".join(f"{r.command}\n{r.stdout}\n{r.stderr}" for r in batch.results)
+    free_hops = read_records(outs["free"])
+    paper_hops = read_records(outs["paper"])
+    assert_honest(free_hops)
+    assert_honest(paper_hops)
+    assert [(h["ns"], h["value"], h["pid"], h["status"]) for h in free_hops] == [
+        ("NS2", 100, 3, "ok"),
+        ("NS3", 200, 3, "ok"),
+    ], logs
+    assert free_hops[0]["start_time"] != free_hops[1]["start_time"]  # a restored task
+    assert free_hops[1]["dump_done"] < free_hops[1]["restore_done"] < free_hops[1]["resumed"]
+    assert [h["status"] for h in paper_hops] == ["ok", "failed"], logs
+    assert "File exists" in paper_hops[1]["error"], logs
+    assert all(h["testbed"] == "vm" and h["backend"] == "criu" for h in free_hops + paper_hops)
+    assert [r.returncode for r in batch.results] == [0, 1], logs
+    for out in outs.values():
+        meta = json.loads((out / "run.json").read_text())
+        assert meta["backend"] == "criu" and any((out / "criu-logs").glob("*dump.log"))
