@@ -15,7 +15,14 @@ from pathlib import Path
 import pytest
 
 from nsexp import nsutil
-from nsexp.experiment import LayoutSpec, predict_pids, predict_values, run
+from nsexp.experiment import (
+    LayoutSpec,
+    guest_command,
+    predict_pids,
+    predict_values,
+    read_records,
+    run,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 PAPER_TABLE = [("NS2", 100, 3), ("NS3", 200, 5), ("NS4", 300, 6), ("NS5", 400, 7)]
@@ -253,3 +260,29 @@ def test_paper_run_kmod_in_vm(tmp_path):
         assert h["migrate_started"] < h["kernel_done"] <= h["reply_sent"] < h["resumed"]
     assert result.meta["vm"]["kernel_log_problems"] == []
     assert result.meta["vm"]["module_unloaded"] is True
+
+
+@pytest.mark.vm
+def test_other_layouts_kmod_in_vm(vm_testbed, tmp_path):
+    """One boot, two layouts (8 namespaces with a cycling route of 10 hops; other child counts):
+    the same process all along, at the PIDs the rule predicts."""
+    specs = {
+        "cycle": LayoutSpec.make(namespaces=8, hops=10),
+        "mixed": LayoutSpec.make(
+            children=[1, 0, 6], worker_index=0, route=["NS2", "NS4", "NS3", "NS2", "NS4"]
+        ),
+    }
+    commands = [
+        guest_command(spec, "kmod", tmp_path / name, timeout=300, echo=False)
+        for name, spec in specs.items()
+    ]
+    batch = vm_testbed.run_batch(commands, out_dir=tmp_path, timeout=1500)
+    logs = "\n".join(f"{r.command}\n{r.stdout}\n{r.stderr}" for r in batch.results)
+    for name, spec in specs.items():
+        hops = read_records(tmp_path / name)
+        assert [h["status"] for h in hops] == ["ok"] * len(spec.route), logs
+        assert [h["ns"] for h in hops] == list(spec.route)
+        assert [h["pid"] for h in hops] == predict_pids(spec), logs
+        assert [h["value"] for h in hops] == predict_values(spec)
+        assert len({h["start_time"] for h in hops}) == 1
+    assert batch.module_loaded and batch.kernel_log_problems() == []
