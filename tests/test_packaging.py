@@ -135,6 +135,13 @@ GUEST_MODULES = [
     "nsexp.manager",
     "nsexp.hierarchy",
     "nsexp.backends",
+    "nsexp.backends.kmod",
+    "nsexp.backends.restart",
+    "nsexp.backends.criu",
+    "nsexp.nsutil",
+    "nsexp.worker",
+    "nsexp.experiment",
+    "nsexp.benchguest",
 ]
 
 _CHECK = r"""
