@@ -816,38 +816,43 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             out_dir=out,
             kernel=args.kernel,
         )
-    elif args.benchmark == "hop":
-        r = run_hop(
-            args.testbed,
-            out_dir=out,
-            kernel=args.kernel,
-            kernel_n=1000 if args.kernel_n is None else args.kernel_n,
-            n=args.n,
-            warmup=args.warmup,
-            pings=args.pings,
-            criu_n=args.criu_n,
-            backends=args.backends.split(",") if args.backends else None,
-            criu_direct=False if args.no_criu_direct else None,
-        )
-    elif args.benchmark == "scaling":
-        r = run_scaling(
-            args.testbed,
-            out_dir=out,
-            kernel=args.kernel,
-            n=args.n,
-            warmup=args.warmup,
-            sweeps=args.sweeps.split(",") if args.sweeps else None,
-            route_hops=args.route_hops,
-            route_namespaces=args.route_namespaces,
-            depths=_ints(args.depths) if args.depths else None,
-            populations=_ints(args.populations) if args.populations else None,
-            clients=_ints(args.clients) if args.clients else None,
-            client_hops=args.client_hops,
-        )
-    else:
-        raise SystemExit(f"unknown benchmark {args.benchmark!r}")
-    print_result(r)
-    return 0 if not r.meta["kernel_log_problems"] else 1
+        print_result(r)
+        return 0 if not r.meta["kernel_log_problems"] else 1
+    hop = {
+        "n": args.n,
+        "warmup": args.warmup,
+        "pings": args.pings,
+        "criu_n": args.criu_n,
+        "backends": args.backends.split(",") if args.backends else None,
+        "criu_direct": False if args.no_criu_direct else None,
+    }
+    scaling = {
+        "n": args.n,
+        "warmup": args.warmup,
+        "sweeps": args.sweeps.split(",") if args.sweeps else None,
+        "route_hops": args.route_hops,
+        "route_namespaces": args.route_namespaces,
+        "depths": _ints(args.depths) if args.depths else None,
+        "populations": _ints(args.populations) if args.populations else None,
+        "clients": _ints(args.clients) if args.clients else None,
+        "client_hops": args.client_hops,
+    }
+    names = ["hop", "scaling"] if args.benchmark == "all" else [args.benchmark]
+    results = run_benchmarks(
+        names,
+        args.testbed,
+        out_dir=out,
+        kernel=args.kernel,
+        hop=hop,
+        scaling=scaling,
+        kernel_n=1000 if args.kernel_n is None else args.kernel_n,
+    )
+    problems = False
+    for name in names:
+        print(f"== {name} ==")
+        print_result(results[name])
+        problems |= bool(results[name].meta["kernel_log_problems"])
+    return 1 if problems else 0
 
 
 def register_cli(subparsers) -> None:
@@ -857,7 +862,11 @@ def register_cli(subparsers) -> None:
         description="Benchmarks run many repetitions in one boot after a warm-up; tables go to "
         "--out with a .provenance.json beside each. Defaults are the full sizes.",
     )
-    p.add_argument("benchmark", choices=["kernel", "hop", "scaling"])
+    p.add_argument(
+        "benchmark",
+        choices=["kernel", "hop", "scaling", "all"],
+        help="all: hop (with kernel) and scaling in one boot",
+    )
     p.add_argument("--testbed", default="vm", choices=["vm", "native"])
     p.add_argument("--kernel", default=None, help="kernel release for the vm testbed")
     p.add_argument("--n", type=int, default=None, help="measured repetitions (per point)")
