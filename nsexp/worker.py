@@ -124,9 +124,16 @@ class Worker:
         sys.stderr.flush()
         os.execve(sys.executable, [sys.executable, "-m", "nsexp.worker"], env)
 
+    def now(self) -> int:
+        """CLOCK_MONOTONIC in ns, on the host's clock even after a CRIU restore."""
+        stamp = time.monotonic_ns()
+        if self.cfg.own_proc:  # criu: the restored task lives in a time namespace
+            stamp -= nsutil.monotonic_offset_ns()
+        return stamp
+
     def resume(self, payload: dict[str, Any]) -> None:
         """Entry of a restart successor: carry on from the forwarded state."""
-        resumed = time.monotonic_ns()
+        resumed = self.now()
         self.side.prepare()
         self.run(dict(payload["state"]), dict(payload.get("timings") or {}), resumed)
 
@@ -143,7 +150,7 @@ class Worker:
                 return
             target = route[hop + 1]
             state["hop"] = hop + 1
-            sent = time.monotonic_ns()
+            sent = self.now()
             try:
                 reply = self.client.migrate(
                     target, hop=hop + 1, request_sent=sent, **self.side.request_fields(state)
@@ -154,7 +161,7 @@ class Worker:
                 return
             if after is None:
                 return  # restart: the successor carries on; this process ends here
-            resumed = time.monotonic_ns()
+            resumed = self.now()
             timings = {**after, "request_sent": sent}
             if "pid" in reply and reply["pid"] != os.getpid():
                 timings["_error"] = f"manager reported pid {reply['pid']}, getpid {os.getpid()}"

@@ -4,7 +4,9 @@ did not happen. CRIU fails on the host (vdso), so the runs that can succeed are 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import time
 
 import pytest
 
@@ -84,3 +86,32 @@ def test_criu_in_vm(vm_testbed, tmp_path):
     for out in outs.values():
         meta = json.loads((out / "run.json").read_text())
         assert meta["backend"] == "criu" and any((out / "criu-logs").glob("*dump.log"))
+
+
+def test_monotonic_offset_undoes_a_time_namespace():
+    """CRIU restores into a time namespace whose CLOCK_MONOTONIC is shifted; the worker's
+    stamps subtract the shift so that they stay comparable with the manager's."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            nsutil.unshare(0x80)  # CLONE_NEWTIME: applies to the children forked next
+            with open("/proc/self/timens_offsets", "w") as f:
+                f.write("monotonic -3 500000000\n")
+            child = os.fork()
+            if child == 0:
+                shifted = time.monotonic_ns()
+                host = shifted - nsutil.monotonic_offset_ns()
+                os.write(w, f"{shifted} {host}".encode())
+                os._exit(0)
+            os.waitpid(child, 0)
+        finally:
+            os._exit(0)
+    os.close(w)
+    data = os.read(r, 200).decode()
+    os.close(r)
+    os.waitpid(pid, 0)
+    now = time.monotonic_ns()
+    shifted, host = map(int, data.split())
+    assert 2_000_000_000 < now - shifted < 4_000_000_000  # the namespace's clock is behind
+    assert 0 <= now - host < 1_000_000_000  # corrected: back on the host's clock
