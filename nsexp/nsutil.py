@@ -66,8 +66,10 @@ def set_comm(name: str) -> None:
     _libc.prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
 
 
-def monotonic_offset_ns() -> int:
-    """CLOCK_MONOTONIC offset of this process's time namespace (0 in the initial one).
+def monotonic_offset_ns(clock: str = "monotonic") -> int:
+    """Clock offset of this process's time namespace (0 in the initial one).
+
+    ``clock`` is "monotonic" or "boottime" (start times in /proc follow the latter).
 
     CRIU restores a process into a time namespace whose clocks continue from the checkpoint;
     subtracting the offset puts its timestamps back on the host's clock.
@@ -76,7 +78,7 @@ def monotonic_offset_ns() -> int:
         with open("/proc/self/timens_offsets") as f:
             for line in f:
                 parts = line.split()
-                if parts and parts[0] in ("monotonic", "1"):
+                if parts and parts[0] == clock:
                     return int(parts[1]) * 1_000_000_000 + int(parts[2])
     except (OSError, ValueError, IndexError):
         pass

@@ -177,13 +177,17 @@ class Worker:
                 global_pid = int(self.client.ping()["global_pid"])
             except (ManagerError, KeyError, ValueError):
                 global_pid = None
+        start_time = me.start_time
+        if self.cfg.own_proc:  # /proc shows start times on the time namespace's boot clock
+            tick_ns = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+            start_time -= nsutil.monotonic_offset_ns("boottime") // tick_ns
         rec = blank_record(self.cfg, hop, self.cfg.route[hop])
         rec.update(
             value=value,
             pid=os.getpid(),
             global_pid=global_pid,
             ppid=os.getppid(),
-            start_time=me.start_time,
+            start_time=start_time,
             status="ok",
             error=timings.get("_error"),
         )
