@@ -31,7 +31,8 @@ run: setup
 	$(NSEXP) run --backend kmod --testbed vm --out $(OUT)
 
 lab: setup
-	$(VENV)/bin/jupyter lab --ip 127.0.0.1 --no-browser --notebook-dir notebooks
+	$(VENV)/bin/jupyter lab --ip 127.0.0.1 --no-browser --notebook-dir notebooks \
+		$(if $(filter 0,$(shell id -u)),--allow-root)
 
 figures: setup
 	$(NSEXP) figures
