@@ -7,12 +7,13 @@ PY     := $(VENV)/bin/python
 NSEXP  := $(VENV)/bin/nsexp
 OUT    ?= data/runs/latest
 KERNEL ?=
+PYTEST_ARGS ?=
 
 .PHONY: help setup test run lab figures kmod vm-shell lint format clean
 
 help:
 	@echo "make run       set up, build the module, boot the VM, run the paper's experiment ($(OUT))"
-	@echo "make test      set up, then run the whole test suite"
+	@echo "make test      set up, then run the whole test suite (PYTEST_ARGS=\"-m 'not vm'\")"
 	@echo "make setup     install what is missing (apt packages, .venv with all extras); idempotent"
 	@echo "make lab       JupyterLab on notebooks/ (http://127.0.0.1:8888)"
 	@echo "make figures   execute the notebooks with papermill: regenerate data/ and figures/"
@@ -25,7 +26,7 @@ setup:
 	@bash tools/setup.sh
 
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 run: setup
 	$(NSEXP) run --backend kmod --testbed vm --out $(OUT)

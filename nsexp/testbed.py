@@ -473,7 +473,7 @@ class VMTestbed(Testbed):
             p = f'"$M/cmd-{i:03d}'
             run = f"bash -c {q(command)}"
             if command_timeout is not None:
-                run = f"timeout --kill-after=10 {command_timeout:g} {run}"
+                run = f"timeout --kill-after=10 {command_timeout:.3f} {run}"
             lines += [
                 f'date +%s.%N > {p}.start"',
                 f'{run} < /dev/null > {p}.out" 2> {p}.err"',
