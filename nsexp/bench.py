@@ -89,11 +89,13 @@ PHASE_NAMES = {
 #: Sizes of the full runs (what data/ holds); the tests use tiny ones.
 HOP_DEFAULTS: dict[str, Any] = {
     "backends": ["kmod", "restart", "criu"],
-    "n": 300,
-    "warmup": 30,
-    "pings": 300,
-    "ping_warmup": 30,
-    "criu_n": 10,
+    "n": 300,  # measured hops per backend, over all rounds
+    "warmup": 10,  # per session
+    "rounds": 3,  # the backends take turns: load drift on the host hits them alike
+    "interleave": True,  # a bare round trip right before each hop
+    "pings": 0,  # extra round trips before the first hop (beyond the interleaved ones)
+    "ping_warmup": 10,
+    "criu_n": 21,
     "criu_warmup": 1,
     "criu_direct": True,
     "timeout_per_hop": 5.0,

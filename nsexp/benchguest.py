@@ -130,6 +130,7 @@ class Migrator:
         pings: int = 0,
         ping_warmup: int = 0,
         start_at: int = 0,
+        interleave: bool = False,
     ) -> None:
         self.backend = backend
         self.socket_path = socket_path
@@ -142,18 +143,20 @@ class Migrator:
         self.pings = pings
         self.ping_warmup = ping_warmup
         self.start_at = start_at
+        self.interleave = interleave
         opts = {"entry": "bench"} if backend == "restart" else {}
         self.side = worker_side(backend, **opts)
 
-    def _rec(self, kind: str, i: int, **fields: Any) -> dict[str, Any]:
+    def _rec(self, kind: str, i: int, warm: bool, **fields: Any) -> dict[str, Any]:
+        """A record; ``i`` counts measured repetitions from 0 (warm-up ones are negative)."""
         me = nsutil.self_info()
         # With a namespace's own /proc (criu) /proc/self gives the in-namespace pid only.
         global_pid = None if self.backend == "criu" else me.global_pid
         rec = {
             **self.tags,
             "kind": kind,
-            "i": i - self.warmup if kind == "hop" else i - self.ping_warmup,
-            "warmup": int(i < (self.warmup if kind == "hop" else self.ping_warmup)),
+            "i": i,
+            "warmup": int(warm),
             "pid": os.getpid(),
             "global_pid": global_pid,
             "start_time": me.start_time,
@@ -171,7 +174,10 @@ class Migrator:
                 t0 = time.monotonic_ns()
                 client.ping()
                 t1 = time.monotonic_ns()
-                _append(self.records, self._rec("round_trip", j, request_sent=t0, resumed=t1))
+                k = j - self.ping_warmup
+                _append(
+                    self.records, self._rec("round_trip", k, k < 0, request_sent=t0, resumed=t1)
+                )
             self.loop({"i": 0, "at": self.start_at, "k": self.tags.get("client", 0)}, None, None)
         except BaseException as exc:  # noqa: BLE001 - the driver must hear of it
             self.finish(f"{type(exc).__name__}: {exc}")
@@ -194,6 +200,14 @@ class Migrator:
             self._hop_done(state, timings, resumed)
         while state["i"] < total:
             i, at = state["i"], state["at"]
+            if self.interleave:
+                # A bare round trip right before each hop: both see the same conditions
+                # (the host's load drifts; under TCG that matters more than anything).
+                t0 = time.monotonic_ns()
+                client.ping()
+                t1 = time.monotonic_ns()
+                rt = self._rec("round_trip", i - self.warmup, i < self.warmup, request_sent=t0)
+                _append(self.records, {**rt, "resumed": t1})
             nxt = (at + 1) % len(self.route)
             target = self.route[nxt]
             new_state = {**state, "i": i + 1, "at": nxt}
@@ -208,7 +222,8 @@ class Migrator:
                     self.records,
                     self._rec(
                         "hop",
-                        i,
+                        i - self.warmup,
+                        i < self.warmup,
                         ns=target,
                         status="failed",
                         error=str(exc)[:500],
@@ -232,7 +247,9 @@ class Migrator:
         i = state["i"] - 1
         stamps = {k: timings.get(k) for k in STAMPS if timings.get(k) is not None}
         stamps["resumed"] = resumed
-        rec = self._rec("hop", i, ns=self.route[state["at"]], **stamps)
+        rec = self._rec(
+            "hop", i - self.warmup, i < self.warmup, ns=self.route[state["at"]], **stamps
+        )
         me_pid = nsutil.self_info().pid
         if me_pid != rec["pid"]:
             rec.update(status="failed", error=f"getpid {rec['pid']} but NSpid says {me_pid}")
@@ -346,36 +363,57 @@ class Session:
 # -- hop: end-to-end latency per backend, beside the bare round trip -------------------------
 
 
+def _split(total: int, parts: int, k: int) -> int:
+    """Part ``k`` of ``total`` split in ``parts`` near-equal parts."""
+    return total // parts + (1 if k < total % parts else 0)
+
+
 def bench_hop(p: dict[str, Any], errors: list[str]) -> list[dict[str, Any]]:
-    """Each backend in turn between two namespaces (A: init + 2 children, the second being the
-    migrator, PID 3; B: init + 1 child), so that CRIU finds the migrator's PID free in B."""
+    """The backends in rounds (kmod, restart, criu, criu-direct, then again), so that a drift of
+    the host's load hits them alike; each session is a fresh tree between two namespaces (A:
+    init + 2 children, the second being the migrator, PID 3; B: init + 1 child, so that CRIU
+    finds PID 3 free in B), with a bare round trip to the manager before each hop."""
     rows: list[dict[str, Any]] = []
-    for backend in p["backends"]:
-        n = p["criu_n"] if backend == "criu" else p["n"]
-        warmup = p["criu_warmup"] if backend == "criu" else p["warmup"]
-        progress(f"hop {backend}: {n} hops (+{warmup} warm-up), {p['pings']} round trips")
-        s = Session(f"hop-{backend}", backend)
-        m = s.migrator(
-            ["A", "B"],
-            n,
-            warmup,
-            tags={"sweep": "hop", "x": 0},
-            pings=p["pings"],
-            ping_warmup=p["ping_warmup"],
-        )
-        plans = [NamespacePlan("A", 2, {1: m.start}), NamespacePlan("B", 1)]
-        timeout = p["timeout_per_hop"] * (n + warmup) * (40 if backend == "criu" else 1) + 120
-        t0 = time.monotonic()
-        try:
-            recs = s.run(plans, [m], timeout)
-        except Exception as exc:  # noqa: BLE001 - record and go on with the next backend
-            errors.append(f"hop {backend}: {type(exc).__name__}: {exc}")
-            progress(f"hop {backend}: FAILED {exc}")
-            recs = _read_jsonl(s.records)
-        progress(f"hop {backend}: {len(recs)} records in {time.monotonic() - t0:.1f} s")
-        rows += recs
-    if p.get("criu_direct"):
-        rows += bench_criu_direct(p, errors)
+    rounds = max(1, int(p.get("rounds", 1)))
+    criu_backend_failed = False
+    for r in range(rounds):
+        for backend in p["backends"]:
+            total = p["criu_n"] if backend == "criu" else p["n"]
+            n = _split(total, rounds, r)
+            if n == 0 or (backend == "criu" and criu_backend_failed):
+                continue
+            warmup = p["criu_warmup"] if backend == "criu" else p["warmup"]
+            progress(f"hop round {r + 1}/{rounds} {backend}: {n} hops (+{warmup} warm-up)")
+            s = Session(f"hop-{backend}-{r}", backend)
+            m = s.migrator(
+                ["A", "B"],
+                n,
+                warmup,
+                tags={"sweep": "hop", "x": r},
+                pings=p["pings"] if r == 0 else 0,
+                ping_warmup=p["ping_warmup"] if r == 0 else 0,
+                interleave=bool(p.get("interleave", True)),
+            )
+            plans = [NamespacePlan("A", 2, {1: m.start}), NamespacePlan("B", 1)]
+            slow = 40 if backend == "criu" else 1
+            timeout = p["timeout_per_hop"] * (n + warmup) * slow + 120
+            t0 = time.monotonic()
+            try:
+                recs = s.run(plans, [m], timeout)
+            except Exception as exc:  # noqa: BLE001 - record and go on with the next backend
+                errors.append(f"hop {backend}: {type(exc).__name__}: {exc}")
+                progress(f"hop {backend}: FAILED {exc}")
+                recs = _read_jsonl(s.records)
+            if backend == "criu" and not any(
+                x.get("kind") == "hop" and x.get("status") == "ok" for x in recs
+            ):
+                criu_backend_failed = True  # CRIU's message is in the rows; no point retrying
+            progress(f"hop {backend}: {len(recs)} records in {time.monotonic() - t0:.1f} s")
+            rows += recs
+        if p.get("criu_direct"):
+            n = _split(p["criu_n"], rounds, r)
+            if n:
+                rows += bench_criu_direct(p, errors, n, p["criu_warmup"] if r == 0 else 0, r)
     return rows
 
 
@@ -417,12 +455,13 @@ def _criu(init_pid: int, args: list[str], images: str, log: str, timeout: float)
     return f"criu {args[0]}: " + " | ".join(errs[-3:])
 
 
-def bench_criu_direct(p: dict[str, Any], errors: list[str]) -> list[dict[str, Any]]:
+def bench_criu_direct(
+    p: dict[str, Any], errors: list[str], n: int, warmup: int, r: int = 0
+) -> list[dict[str, Any]]:
     """CRIU dump in A + restore in B (and back), driven directly, of an exec'd Python process
     of the migrator's kind: the criu baseline measured by this benchmark itself, used when the
     criu backend cannot make the hop here. Stamps: request_sent (dump starts), dump_done,
     restore_done = resumed (``restore -d`` returns once the process runs again)."""
-    n, warmup = p["criu_n"], p["criu_warmup"]
     progress(f"hop criu-direct: {n} dump+restore hops (+{warmup} warm-up) between two namespaces")
     plans = [NamespacePlan("A", 2, {1: _criu_subject}), NamespacePlan("B", 1)]
     h = Hierarchy(plans, ready_timeout=120, own_proc=True)
@@ -448,7 +487,7 @@ def bench_criu_direct(p: dict[str, Any], errors: list[str]) -> list[dict[str, An
                 "sweep": "hop",
                 "backend": "criu-direct",
                 "kind": "hop",
-                "x": 0,
+                "x": r,
                 "client": 0,
                 "i": j - warmup,
                 "warmup": int(j < warmup),

@@ -168,7 +168,8 @@ def test_guest_hop_native_restart(tmp_path: Path) -> None:
         "backends": ["restart"],
         "n": 3,
         "warmup": 1,
-        "pings": 3,
+        "rounds": 2,  # 2 hops, then 1 in a second session
+        "pings": 0,  # only the round trips interleaved with the hops
         "ping_warmup": 1,
         "criu_direct": False,
     }
@@ -211,7 +212,7 @@ def test_guest_scaling_native_restart(tmp_path: Path) -> None:
 
 # -- the VM: every benchmark in one boot, then the notebooks on its tables ----------------------
 
-TINY_HOP = {"n": 4, "warmup": 1, "pings": 4, "ping_warmup": 1, "criu_n": 1, "criu_warmup": 0}
+TINY_HOP = {"n": 4, "warmup": 1, "rounds": 2, "ping_warmup": 1, "criu_n": 2, "criu_warmup": 0}
 TINY_SCALING = {
     "n": 3,
     "warmup": 1,
