@@ -108,6 +108,8 @@ SCALING_DEFAULTS: dict[str, Any] = {
     "route_namespaces": 32,
     "depths": list(range(1, 32)),
     "populations": [0, 10, 100, 1000, 3000, 10000],
+    "rounds": 2,  # depth and population points are visited in 2 rounds (load drift)
+    "interleave": True,  # a bare round trip before each hop (route, depth, population)
     "clients": [1, 2, 4, 8, 16, 32, 64],
     "client_hops": 20,
     "timeout_per_hop": 5.0,

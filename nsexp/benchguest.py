@@ -535,7 +535,13 @@ def _route_sweep(p: dict[str, Any]) -> list[dict[str, Any]]:
     names = [f"R{j:02d}" for j in range(k)]
     progress(f"route: {p['route_hops']} hops over {k} namespaces (+{p['warmup']} warm-up)")
     s = Session("route", p.get("backend", "kmod"))
-    m = s.migrator(names, p["route_hops"], p["warmup"], tags={"sweep": "route", "x": 0})
+    m = s.migrator(
+        names,
+        p["route_hops"],
+        p["warmup"],
+        tags={"sweep": "route", "x": 0},
+        interleave=bool(p.get("interleave", True)),
+    )
     plans = [NamespacePlan(names[0], 2, {1: m.start})] + [NamespacePlan(nm, 0) for nm in names[1:]]
     recs = s.run(plans, [m], p["timeout_per_hop"] * (p["route_hops"] + p["warmup"]) + 120)
     for r in recs:
@@ -624,9 +630,19 @@ def _nested_pair(depth: int, migrator: Migrator, info_w: int, gate_r: int, gate_
 
 def _depth_sweep(p: dict[str, Any]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    for depth in p["depths"]:
+    rounds = max(1, int(p.get("rounds", 1)))
+    # Rounds over all depths, so that a drift of the host's load does not pass for a trend.
+    points = [(r, d) for r in range(rounds) for d in p["depths"] if _split(p["n"], rounds, r)]
+    for r, depth in points:
+        n = _split(p["n"], rounds, r)
         s = Session(f"depth-{depth}", "kmod")
-        m = s.migrator(["A", "B"], p["n"], p["warmup"], tags={"sweep": "depth", "x": depth})
+        m = s.migrator(
+            ["A", "B"],
+            n,
+            p["warmup"],
+            tags={"sweep": "depth", "x": depth},
+            interleave=bool(p.get("interleave", True)),
+        )
         info_r, info_w = os.pipe()
         gate_r, gate_w = os.pipe()
         # Children must not hold the gate's write end, or it would never close.
@@ -652,12 +668,12 @@ def _depth_sweep(p: dict[str, Any]) -> list[dict[str, Any]]:
             manager.start()
             os.close(gate_w)
             gate_w = -1
-            _wait_done([m.done], p["timeout_per_hop"] * (p["n"] + p["warmup"]) + 120, s.name)
+            _wait_done([m.done], p["timeout_per_hop"] * (n + p["warmup"]) + 120, s.name)
             recs = _read_jsonl(s.records)
             for r in recs:
                 r["levels"] = levels
             rows += recs
-            progress(f"depth {depth}: {len(recs)} records (A at level {levels})")
+            progress(f"depth {depth} (round {r + 1}): {len(recs)} records (A at level {levels})")
         finally:
             if gate_w >= 0:
                 os.close(gate_w)
@@ -729,10 +745,19 @@ def _population_sweep(p: dict[str, Any]) -> list[dict[str, Any]]:
     if threads_max < need:
         Path("/proc/sys/kernel/threads-max").write_text(str(need))
         progress(f"population: raised kernel.threads-max {threads_max} -> {need}")
-    for pop in pops:
-        # A fresh tree per population: a long-lived migrator would see its own history.
+    rounds = max(1, int(p.get("rounds", 1)))
+    points = [(r, pop) for r in range(rounds) for pop in pops if _split(p["n"], rounds, r)]
+    for r, pop in points:
+        n = _split(p["n"], rounds, r)
+        # A fresh tree per point: a long-lived migrator would see its own history.
         s = Session(f"population-{pop}", p.get("backend", "kmod"))
-        m = s.migrator(["A", "B"], p["n"], p["warmup"], tags={"sweep": "population", "x": pop})
+        m = s.migrator(
+            ["A", "B"],
+            n,
+            p["warmup"],
+            tags={"sweep": "population", "x": pop},
+            interleave=bool(p.get("interleave", True)),
+        )
         plans = [NamespacePlan("A", 2, {1: m.start}), NamespacePlan("B", 0)]
         holder: dict[str, Population] = {}
 
@@ -745,7 +770,7 @@ def _population_sweep(p: dict[str, Any]) -> list[dict[str, Any]]:
             progress(f"population {pop}: B holds {in_b} processes ({time.monotonic() - t0:.1f} s)")
 
         try:
-            recs = s.run(plans, [m], p["timeout_per_hop"] * (p["n"] + p["warmup"]) + 300, fill)
+            recs = s.run(plans, [m], p["timeout_per_hop"] * (n + p["warmup"]) + 300, fill)
         finally:
             if "p" in holder:
                 holder["p"].close()

@@ -265,21 +265,31 @@ def route_stats(df: pd.DataFrame) -> pd.DataFrame:
     return out.drop(columns="lo")
 
 
+def _round_trips(df: pd.DataFrame, sweep: str) -> pd.Series:
+    """Median bare round trip (ms) per x of a sweep (interleaved with its hops)."""
+    ok = measured(df)
+    rt = ok[(ok["sweep"] == sweep) & (ok["kind"] == "round_trip")]
+    return _ms(rt.groupby("x")["total_ns"].median())
+
+
 def depth_stats(df: pd.DataFrame) -> pd.DataFrame:
-    """Per nesting depth: median end-to-end hop and median kernel switch time."""
+    """Per nesting depth: median end-to-end hop, median kernel switch time, and the median
+    bare round trip measured right before the hops (the floor, for comparison)."""
     h = _hops(df, "depth")
     if h.empty:
         return pd.DataFrame(columns=["depth", "n", "median_ms", "kernel_switch_us"])
     g = h.groupby("x")
-    return pd.DataFrame(
+    out = pd.DataFrame(
         {
             "n": g.size(),
             "median_ms": _ms(g["total_ns"].median()),
             "p90_ms": _ms(g["total_ns"].quantile(0.9)),
             "kernel_switch_us": g["kernel_switch_ns"].median() / 1e3,
             "kernel_switch_p90_us": g["kernel_switch_ns"].quantile(0.9) / 1e3,
+            "round_trip_ms": _round_trips(df, "depth"),
         }
-    ).reset_index(names="depth")
+    )
+    return out.reset_index(names="depth")
 
 
 def depth_fit(stats: pd.DataFrame, column: str) -> dict[str, float]:
@@ -307,6 +317,7 @@ def population_stats(df: pd.DataFrame) -> pd.DataFrame:
             "median_ms": _ms(g["total_ns"].median()),
             "p90_ms": _ms(g["total_ns"].quantile(0.9)),
             "kernel_switch_us": g["kernel_switch_ns"].median() / 1e3,
+            "round_trip_ms": _round_trips(df, "population"),
         }
     ).reset_index(names="population")
     out["vs_empty"] = out["median_ms"] / out["median_ms"].iloc[0]

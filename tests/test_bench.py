@@ -202,9 +202,11 @@ def test_guest_scaling_native_restart(tmp_path: Path) -> None:
         "populate_binary": str(bench.build_c("populate")),
     }
     rows = _guest(tmp_path, "scaling", params)
-    route = bench.measured(rows, sweep="route")
+    route = bench.measured(rows, sweep="route", kind="hop")
     assert [r["x"] for r in route] == list(range(1, 7))
-    assert {r["x"] for r in bench.measured(rows, sweep="population")} == {0, 20}
+    assert {r["x"] for r in bench.measured(rows, sweep="population", kind="hop")} == {0, 20}
+    # The bare round trip interleaved before each hop.
+    assert len(bench.measured(rows, sweep="route", kind="round_trip")) == len(route)
     clients = bench.measured(rows, sweep="clients")
     assert sorted({(r["x"], r["client"]) for r in clients}) == [(1, 0), (3, 0), (3, 1), (3, 2)]
     assert len(clients) == 2 * (1 + 3)
@@ -273,7 +275,7 @@ def test_vm_hop_table(vm_bench) -> None:
 def test_vm_scaling_table(vm_bench) -> None:
     out, _ = vm_bench
     rows = bench.read_raw(out / "bench-scaling.csv")
-    ok = bench.measured(rows)
+    ok = bench.measured(rows, kind="hop")
     assert sorted({r["x"] for r in ok if r["sweep"] == "route"}) == list(range(1, 7))
     depth = [r for r in ok if r["sweep"] == "depth"]
     assert sorted({(r["x"], r["levels"]) for r in depth}) == [(1, 1), (3, 3)]
