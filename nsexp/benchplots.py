@@ -373,6 +373,14 @@ def plot_scaling(df: pd.DataFrame, prov: dict[str, Any] | None = None) -> Figure
     st = depth_stats(df)
     if not st.empty:
         b.plot(st["depth"], st["median_ms"], "o-", color=COLORS["kmod"], label="hop, end to end")
+        if st["round_trip_ms"].notna().any():
+            b.plot(
+                st["depth"],
+                st["round_trip_ms"],
+                ".:",
+                color=COLORS["round_trip"],
+                label="bare round trip (floor)",
+            )
         b.set_ylabel("hop median (ms)")
         b2 = b.twinx()
         b2.plot(st["depth"], st["kernel_switch_us"], "s-", color="#9467bd", label="kernel switch")
@@ -404,6 +412,8 @@ def plot_scaling(df: pd.DataFrame, prov: dict[str, Any] | None = None) -> Figure
             capsize=3,
             label="median (bar: p90)",
         )
+        if st["round_trip_ms"].notna().any():
+            c.plot(x, st["round_trip_ms"], ".:", color=COLORS["round_trip"], label="round trip")
         base = float(st["median_ms"].iloc[0])
         c.axhspan(base / 1.2, base * 1.2, color="#2ca02c", alpha=0.12, label="empty target ±20%")
         c.set_xscale("log")
