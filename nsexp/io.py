@@ -521,14 +521,17 @@ def write_runs(
     directory: str | os.PathLike[str],
     prefix: str,
     command: str | Sequence[str] | None = None,
+    prov: Mapping[str, Any] | None = None,
     **extra: Any,
 ) -> dict[str, Path]:
     """Write a batch's tidy tables: ``<prefix>_hops``, ``_hop_table``, ``_processes``, ``_runs``
     and, where the runs carry a prediction, ``_expected`` (see :func:`compare_expected`).
 
-    ``extra`` goes into every provenance sidecar (for example the notebook and its parameters).
+    Every table gets the provenance ``prov`` (default: :func:`provenance` of the runs with
+    ``command`` and ``extra``, for example the notebook and its parameters).
     """
-    prov = provenance(runs, command=command, **extra)
+    if prov is None:
+        prov = provenance(runs, command=command, **extra)
     tables = {
         "hops": runs.hops,
         "hop_table": hop_table(runs.hops),

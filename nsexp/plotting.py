@@ -7,10 +7,12 @@ PDF and PNG.
 
 from __future__ import annotations
 
+import json
 import os
 import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -64,13 +66,25 @@ def save_figures(
     directory: str | os.PathLike[str],
     prefix: str,
     close: bool = True,
+    provenance: Mapping[str, Any] | None = None,
 ) -> list[Path]:
-    """Save each figure as ``directory/<prefix>_<key>.{pdf,png}``; None entries are skipped."""
+    """Save each figure as ``directory/<prefix>_<key>.{pdf,png}``; None entries are skipped.
+
+    With ``provenance`` (see :func:`nsexp.io.provenance`) each figure also gets
+    ``<prefix>_<key>.provenance.json`` naming its files, as the tables in data/ do.
+    """
     paths: list[Path] = []
     for key, fig in figures.items():
         if fig is None:
             continue
-        paths += save_figure(fig, Path(directory) / f"{prefix}_{key}")
+        stem = Path(directory) / f"{prefix}_{key}"
+        saved = save_figure(fig, stem)
+        paths += saved
+        if provenance is not None:
+            side = dict(provenance, files=[p.name for p in saved])
+            with stem.with_name(f"{stem.name}.provenance.json").open("w") as f:
+                json.dump(side, f, indent=2, sort_keys=True, default=str)
+                f.write("\n")
         if close:
             plt.close(fig)
     return paths

@@ -6,6 +6,7 @@ small parameters; one VM test runs notebook 01 with the kernel module.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -143,6 +144,8 @@ def _check_chained_outputs(tmp_path: Path, backend: str) -> pd.DataFrame:
         for ext in ("pdf", "png"):
             path = figures / f"chained_{fig}.{ext}"
             assert path.exists() and path.stat().st_size > 1000, path
+        side = json.loads((figures / f"chained_{fig}.provenance.json").read_text())
+        assert side["backend"] == backend and side["run_ids"]
     return nio.read_table(data / "chained_hop_table.csv")[0]
 
 

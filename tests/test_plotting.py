@@ -85,3 +85,15 @@ def test_hop_table_figure_shows_failures(tmp_path: Path) -> None:
     assert any("File exists" in t.get_text() for t in fig.texts)
     _check(plotting.save_figure(fig, tmp_path / "criu_table"))
     plt.close(fig)
+
+
+def test_save_figures_with_provenance(tmp_path: Path, runs: nio.Runs) -> None:
+    import json
+
+    prov = nio.provenance(runs, command="test")
+    figs = {"table": plotting.plot_hop_table(runs.hops), "none": None}
+    paths = plotting.save_figures(figs, tmp_path, "x", provenance=prov)
+    assert [p.name for p in paths] == ["x_table.pdf", "x_table.png"]
+    side = json.loads((tmp_path / "x_table.provenance.json").read_text())
+    assert side["files"] == ["x_table.pdf", "x_table.png"] and side["backend"] == "kmod"
+    assert side["run_ids"] == ["r0", "r1"] and side["command"] == "test"
