@@ -3,6 +3,7 @@ did not happen. CRIU fails on the host (vdso), so the runs that can succeed are 
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -78,6 +79,13 @@ def test_criu_in_vm(vm_testbed, tmp_path):
         ("NS3", 200, 3, "ok"),
     ], logs
     assert free_hops[0]["start_time"] != free_hops[1]["start_time"]  # a restored task
+    # Its start time as recorded (read inside CRIU's time namespace, corrected) is the one the
+    # host's /proc shows in the snapshot after the hop.
+    with (outs["free"] / "processes.csv").open() as f:
+        workers = [r for r in csv.DictReader(f) if r["role"] == "worker"]
+    assert [(int(w["snapshot"]), int(w["start_time"])) for w in workers] == [
+        (h["hop"], h["start_time"]) for h in free_hops
+    ]
     assert free_hops[1]["dump_done"] < free_hops[1]["restore_done"] < free_hops[1]["resumed"]
     assert [h["status"] for h in paper_hops] == ["ok", "failed"], logs
     assert "File exists" in paper_hops[1]["error"], logs
