@@ -377,35 +377,39 @@ class Explorer:
         display(self.widget)
 
     def run(self) -> Runs | None:
-        """Run the chosen experiment into a fresh folder under ``run_dir``, then show it."""
+        """Run the chosen experiment into a fresh folder under ``run_dir``, then show it.
+
+        The run's progress lines appear in the output area (a button's callback has no cell
+        of its own to print into), then the hop table and the trees replace them.
+        """
         from IPython.display import display
+
+        from nsexp import io as nio
 
         stamp = time.strftime("%Y%m%dT%H%M%S")
         folder = self.run_dir / f"{stamp}-{self.backend.value}-{self.testbed.value}"
         self.button.disabled = True
         self.status.value = f"running {self.backend.value} on {self.testbed.value} ..."
         t0 = time.monotonic()
-        try:
-            runs = run_batch(
-                self.backend.value,
-                self.testbed.value,
-                folder,
-                repeats=self.repeats.value,
-                **LAYOUTS[self.layout.value],
-            )
-        except Exception as exc:  # shown in the widget; the kernel stays usable
-            self.status.value = f"<b>failed</b>: {type(exc).__name__}: {exc}"
-            return None
-        finally:
-            self.button.disabled = False
-        self.runs = runs
-        from nsexp import io as nio
-
-        ok = int(nio.ok_mask(runs.hops).sum())
-        self.status.value = (
-            f"done in {time.monotonic() - t0:.1f} s: {ok}/{len(runs.hops)} stops ok, in {folder}"
-        )
         with self.output:
+            self.output.clear_output()
+            try:
+                runs = run_batch(
+                    self.backend.value,
+                    self.testbed.value,
+                    folder,
+                    repeats=self.repeats.value,
+                    **LAYOUTS[self.layout.value],
+                )
+            except Exception as exc:  # shown in the widget; the kernel stays usable
+                self.status.value = f"<b>failed</b>: {type(exc).__name__}: {exc}"
+                return None
+            finally:
+                self.button.disabled = False
+            self.runs = runs
+            ok = int(nio.ok_mask(runs.hops).sum())
+            took = time.monotonic() - t0
+            self.status.value = f"done in {took:.1f} s: {ok}/{len(runs.hops)} stops ok, in {folder}"
             self.output.clear_output(wait=True)
             show_runs(runs, display)
         return runs
