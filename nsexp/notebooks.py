@@ -262,6 +262,7 @@ def _run_vm_batch(
     ``nsexp.experiment.run`` does for one run on the VM; the boot's facts go into each run.json.
     """
     from nsexp import experiment as ex
+    from nsexp import io as nio
     from nsexp import testbed as tb
 
     bed = tb.get_testbed("vm", kernel=kernel)
@@ -317,15 +318,9 @@ def _run_vm_batch(
         path.write_text(json.dumps(meta, indent=2) + "\n")
         if not (d / ex.HOPS_FILE).exists():
             # Keep the folder readable: an empty hop table with the run's failure in run.json.
-            (d / ex.HOPS_FILE).write_text(",".join(_hop_header()) + "\n")
+            (d / ex.HOPS_FILE).write_text(",".join(nio.HOP_COLUMNS) + "\n")
         outcomes.append((str(meta["run_id"]), meta["ok"], error))
     return outcomes
-
-
-def _hop_header() -> list[str]:
-    from nsexp import io as nio
-
-    return list(nio.HOP_COLUMNS)
 
 
 class Explorer:
