@@ -783,15 +783,14 @@ def _clients_sweep(p: dict[str, Any]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for k in p["clients"]:
         s = Session(f"clients-{k}", p.get("backend", "kmod"))
+        warm = p.get("client_warmup", p["warmup"])
         ms = [
-            s.migrator(
-                ["A", "B"], p["client_hops"], p["warmup"], k=j, tags={"sweep": "clients", "x": k}
-            )
+            s.migrator(["A", "B"], p["client_hops"], warm, k=j, tags={"sweep": "clients", "x": k})
             for j in range(k)
         ]
         plans = [NamespacePlan("A", k, {j: ms[j].start for j in range(k)}), NamespacePlan("B", 0)]
         t0 = time.monotonic()
-        recs = s.run(plans, ms, p["timeout_per_hop"] * (p["client_hops"] + p["warmup"]) * k + 120)
+        recs = s.run(plans, ms, p["timeout_per_hop"] * (p["client_hops"] + warm) * k + 120)
         progress(f"clients {k}: {len(recs)} records in {time.monotonic() - t0:.1f} s")
         rows += recs
     return rows
