@@ -113,7 +113,6 @@ class _Init:
         self.ctl = ctl
         self.entries = entries
         self.own_proc = own_proc
-        self.label = "nsexp"
         self.go_r = -1
         self.go_w = -1
 

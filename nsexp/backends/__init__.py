@@ -14,8 +14,6 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from nsexp import nsutil
-
 BACKENDS = ("kmod", "restart", "criu")
 
 
@@ -149,8 +147,3 @@ def worker_side(name: str, **options: Any) -> WorkerSide:
         raise ValueError(f"unknown backend {name!r}")
     module = importlib.import_module(f"nsexp.backends.{name}")
     return module.WorkerSide(**options)
-
-
-def pid_in_own_ns(global_pid: int) -> int:
-    """The pid a process has inside its own namespace (last NSpid entry)."""
-    return nsutil.proc_info(global_pid).pid
