@@ -437,3 +437,42 @@ def plot_scaling(df: pd.DataFrame, prov: dict[str, Any] | None = None) -> Figure
     _footer(fig, prov)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     return fig
+
+
+def above_floor(df: pd.DataFrame) -> pd.DataFrame:
+    """Per backend: median hop, median bare round trip of the same sessions (the floor), the
+    part of the hop above the floor, and the mechanism's own span (kmod: ioctl start -> switch
+    done; restart: reply sent -> successor runs; criu: dump start -> restore done), each with
+    its ratio to kmod's. Explains ratios that the floor compresses."""
+    ok = measured(df)
+    rows = []
+    for b in _order(ok["backend"]):
+        h = ok[(ok["backend"] == b) & (ok["kind"] == "hop")]
+        if h.empty:
+            continue
+        rt = ok[(ok["backend"] == b) & (ok["kind"] == "round_trip")]["total_ns"]
+        if b == "kmod":
+            mech = h["kernel_done"] - h["migrate_started"]
+        elif b == "restart":
+            mech = h["resumed"] - h["reply_sent"]
+        else:
+            mech = h["resumed"] - h["request_sent"]
+        hop_ms = float(_ms(h["total_ns"].median()))
+        floor = float(_ms(rt.median())) if not rt.empty else np.nan
+        rows.append(
+            {
+                "backend": b,
+                "hop_ms": hop_ms,
+                "floor_ms": floor,
+                "hop_minus_floor_ms": hop_ms - floor if not np.isnan(floor) else np.nan,
+                "mechanism_ms": float(_ms(mech.median())),
+            }
+        )
+    out = pd.DataFrame(
+        rows, columns=["backend", "hop_ms", "floor_ms", "hop_minus_floor_ms", "mechanism_ms"]
+    )
+    if not out.empty and (out["backend"] == "kmod").any():
+        k = out[out["backend"] == "kmod"].iloc[0]
+        out["hop_vs_kmod"] = out["hop_ms"] / k["hop_ms"]
+        out["mechanism_vs_kmod"] = out["mechanism_ms"] / k["mechanism_ms"]
+    return out
