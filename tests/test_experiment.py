@@ -286,3 +286,28 @@ def test_other_layouts_kmod_in_vm(vm_testbed, tmp_path):
         assert [h["value"] for h in hops] == predict_values(spec)
         assert len({h["start_time"] for h in hops}) == 1
     assert batch.module_loaded and batch.kernel_log_problems() == []
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        LayoutSpec(),
+        LayoutSpec.make(namespaces=8, hops=10),
+        LayoutSpec.make(children=[1, 0, 6], worker_index=0),
+    ],
+)
+def test_guest_command_reproduces_the_layout(spec, tmp_path):
+    """What the VM guest runs is the same layout, recorded as "vm", into the shared folder."""
+    import argparse
+    import shlex
+
+    from nsexp.experiment import add_arguments, spec_from_args
+
+    argv = shlex.split(guest_command(spec, "kmod", tmp_path / "x y", timeout=90))
+    assert argv[:4] == ["python3", "-m", "nsexp.experiment", "run"]
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(argv[4:])
+    assert spec_from_args(args) == spec
+    assert (args.backend, args.testbed, args.record_testbed) == ("kmod", "native", "vm")
+    assert args.out == tmp_path / "x y" and args.timeout == 90
