@@ -574,7 +574,7 @@ def _run_vm(
     if echo:
         # The worker's own lines, as printed inside the guest (the table is reprinted below).
         for line in res.stdout.splitlines():
-            if line.startswith("hop "):
+            if line.startswith("hop ") and line[4:5].isdigit():
                 print(f"[guest] {line}")
     meta: dict[str, Any] = {}
     if (out / RUN_FILE).exists():
