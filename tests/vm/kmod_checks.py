@@ -25,24 +25,10 @@ import traceback
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from nsexp import lib, uapi  # noqa: E402
+from nsexp.nsutil import CLONE_NEWPID, setns, unshare  # noqa: E402
 
-CLONE_NEWPID = 0x20000000
 libc = ctypes.CDLL(None, use_errno=True)
 WORK = "/tmp/nsm-checks"
-
-
-def _check(rc: int, what: str) -> None:
-    if rc != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, f"{what}: {os.strerror(e)}")
-
-
-def unshare(flags: int) -> None:
-    _check(libc.unshare(flags), "unshare")
-
-
-def setns(fd: int, flags: int) -> None:
-    _check(libc.setns(fd, flags), "setns")
 
 
 def status(gpid: int) -> dict[str, str]:
@@ -343,7 +329,18 @@ def stats() -> dict[str, int]:
 
 
 def slab_objects(prefixes: tuple[str, ...]) -> dict[str, int]:
-    """Active objects per slab cache whose name starts with one of ``prefixes``."""
+    """Active objects per slab cache whose name starts with one of ``prefixes``.
+
+    SLUB counts objects sitting in per-CPU slabs as active; shrinking the cache first flushes
+    those, so that the count is of objects really in use.
+    """
+    for name in os.listdir("/sys/kernel/slab"):
+        if name.startswith(prefixes):
+            try:
+                with open(f"/sys/kernel/slab/{name}/shrink", "w") as f:
+                    f.write("1")
+            except OSError:
+                pass
     out = {}
     with open("/proc/slabinfo") as f:
         for line in f:
