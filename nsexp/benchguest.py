@@ -670,8 +670,8 @@ def _depth_sweep(p: dict[str, Any]) -> list[dict[str, Any]]:
             gate_w = -1
             _wait_done([m.done], p["timeout_per_hop"] * (n + p["warmup"]) + 120, s.name)
             recs = _read_jsonl(s.records)
-            for r in recs:
-                r["levels"] = levels
+            for rec in recs:
+                rec["levels"] = levels
             rows += recs
             progress(f"depth {depth} (round {r + 1}): {len(recs)} records (A at level {levels})")
         finally:
