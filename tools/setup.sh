@@ -202,8 +202,13 @@ venv_setup() {
             die "could not create the venv with $PYTHON -m venv (Debian: apt-get install python3-venv)"
     fi
     log "pip install -e '.[all]' into $VENV (first run takes a few minutes)"
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check --progress-bar off \
-        -e ".[all]" </dev/null >&2 || die "pip install -e '.[all]' failed"
+    local piplog=$VENV/pip-install.log
+    if ! "$VENV/bin/python" -m pip install --disable-pip-version-check --progress-bar off \
+        -e ".[all]" </dev/null >"$piplog" 2>&1; then
+        tail -n 40 "$piplog" >&2
+        die "pip install -e '.[all]' failed (full log: $piplog)"
+    fi
+    grep -E '^Successfully installed' "$piplog" | cut -c1-300 >&2 || true
     echo "$key" >"$STAMP"
     log "venv: ready"
 }
