@@ -114,6 +114,8 @@ SCALING_DEFAULTS: dict[str, Any] = {
     "clients": [1, 2, 4, 8, 16, 32, 64],
     "client_hops": 10,
     "client_warmup": 2,
+    "depth_kernel_n": 300,  # C: migrations per depth (kernel side of the depth sweep), 0: skip
+    "depth_kernel_depths": list(range(1, 32)),
     "timeout_per_hop": 5.0,
 }
 
@@ -125,6 +127,8 @@ TARGETS = {
     "fork_wait / kernel_switch": (">", 1.0),
     "route: max/min per-hop median": ("<=", 1.2),
     "population: max/min per-hop median": ("<=", 1.2),
+    "population: max/min kernel switch median": ("<=", 1.2),
+    "population: max/min hop/round-trip": ("<=", 1.2),
 }
 
 
@@ -512,8 +516,9 @@ def scaling_summary(rows: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[st
     ratios: dict[str, float] = {}
     route = measured(rows, sweep="route", kind="hop")
     if route:
-        bins = _medians_by(route, lambda r: (len(str(r["x"])), route_bin(r["x"])), "total")
-        s["route"] = {b[1]: v for b, v in bins.items()}
+        # Keyed by the bin's first hop number, so that the bins sort in route order.
+        bins = _medians_by(route, lambda r: int(route_bin(r["x"]).split("-")[0]), "total")
+        s["route"] = {route_bin(b): v for b, v in bins.items()}
         vals = list(bins.values())
         ratios["route: max/min per-hop median"] = max(vals) / min(vals)
         first, last = vals[0], vals[-1]
@@ -547,6 +552,27 @@ def scaling_summary(rows: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[st
         s["population"] = {"total_median_ns": e2e, "kernel_switch_median_ns": kern}
         ratios["population: max/min per-hop median"] = max(e2e.values()) / min(e2e.values())
         ratios["population: last/first"] = list(e2e.values())[-1] / list(e2e.values())[0]
+        if kern:
+            ratios["population: max/min kernel switch median"] = max(kern.values()) / min(
+                kern.values()
+            )
+        # The hop over the bare round trip measured right before it: the host's load drift
+        # moves both, their ratio much less.
+        rts = _medians_by(
+            [
+                r
+                for r in rows
+                if r.get("sweep") == "population"
+                and r.get("kind") == "round_trip"
+                and r.get("status") == "ok"
+                and not r.get("warmup")
+            ],
+            lambda r: r["x"],
+            "total",
+        )
+        norm = [e2e[x] / rts[x] for x in e2e if rts.get(x)]
+        if norm:
+            ratios["population: max/min hop/round-trip"] = max(norm) / min(norm)
     clients = [r for r in rows if r.get("sweep") == "clients"]
     if clients:
         thr = throughput(clients)
@@ -618,14 +644,66 @@ def _hop_finish(
     )
 
 
+def write_depth_kernel(raw: Path, meta: dict[str, Any], out_dir: Path) -> tuple[Path, dict, dict]:
+    """depth_bench's "depth,i,metric,ns" rows -> ``bench-depth-kernel.csv`` (+ provenance):
+    per depth the medians, and a least-squares line of the kernel switch against depth."""
+    samples: dict[tuple[int, str], list[int]] = defaultdict(list)
+    table = out_dir / "bench-depth-kernel.csv"
+    with open(raw) as f, open(table, "w", newline="") as g:
+        w = csv.writer(g)
+        w.writerow([*META_COLUMNS, "depth", "i", "metric", "ns"])
+        for depth, i, metric, ns in csv.reader(f):
+            samples[(int(depth), metric)].append(int(ns))
+            w.writerow([meta[k] for k in META_COLUMNS] + [depth, i, metric, ns])
+    summary = {
+        metric: {d: summarize(v) for (d, m), v in sorted(samples.items()) if m == metric}
+        for metric in ("kernel_switch", "ioctl_round_trip")
+    }
+    ratios = {}
+    for metric, per in summary.items():
+        if len(per) >= 2:
+            xs = list(per)
+            ys = [per[d]["median_ns"] for d in xs]
+            slope, intercept = statistics.linear_regression(xs, ys)
+            r = statistics.correlation(xs, ys) if len(set(ys)) > 1 else math.nan
+            ratios[f"depth (C): {metric} ns per level"] = slope
+            ratios[f"depth (C): {metric} intercept ns"] = intercept
+            ratios[f"depth (C): {metric} r2"] = r * r
+    _write_provenance(
+        table,
+        {
+            **meta,
+            "benchmark": "scaling/depth-kernel",
+            "file": table.name,
+            "summary": summary,
+            "ratios": ratios,
+            "same_boot_as": "bench-scaling.csv",
+        },
+    )
+    return table, summary, ratios
+
+
 def _scaling_finish(
-    batch: tb.BatchResult, bed: tb.Testbed, work: Path, out_dir: Path, p: dict[str, Any]
+    batch: tb.BatchResult,
+    bed: tb.Testbed,
+    work: Path,
+    out_dir: Path,
+    p: dict[str, Any],
+    depth_kernel: bool = False,
 ) -> BenchResult:
     guest = json.loads((work / "scaling-guest.json").read_text())
     meta = _meta("scaling", bed, batch, params=p, guest=guest, raw_dir=str(work))
     rows = read_raw(work / "scaling-raw.csv")
     table = write_table(rows, meta, out_dir / "bench-scaling.csv")
     summary, ratios = scaling_summary(rows)
+    tables = [table]
+    if depth_kernel:
+        dk_table, dk_summary, dk_ratios = write_depth_kernel(
+            work / "depth_kernel.csv", meta, out_dir
+        )
+        summary["depth (C)"] = dk_summary
+        ratios.update(dk_ratios)
+        tables.append(dk_table)
     targets = {k: _target(k, v) for k, v in ratios.items() if k in TARGETS}
     cpus = guest.get("cpus") or 1
     thr = summary.get("clients") or {}
@@ -641,7 +719,7 @@ def _scaling_finish(
         table,
         {**meta, "file": table.name, "summary": summary, "ratios": ratios, "targets": targets},
     )
-    return BenchResult(table, {}, ratios, meta, [table], {"summary": summary, "targets": targets})
+    return BenchResult(table, {}, ratios, meta, tables, {"summary": summary, "targets": targets})
 
 
 def run_benchmarks(
@@ -697,6 +775,14 @@ def run_benchmarks(
         )
     if "scaling" in benchmarks:
         ps["populate_binary"] = str(build_c("populate"))
+        if ps.get("depth_kernel_n") and "depth" in ps["sweeps"]:
+            index["depth_kernel"] = len(cmds)
+            depths = " ".join(str(d) for d in ps["depth_kernel_depths"])
+            cmds.append(
+                f"{build_c('depth_bench')} {ps['depth_kernel_n']} {max(1, ps['warmup'])} {depths}"
+                ' > "$NSEXP_OUT/depth_kernel.csv"'
+            )
+            budget += 900
         index["scaling"] = len(cmds)
         cmds.append(_guest_command("scaling", work, ps))
         hops = (
@@ -721,7 +807,7 @@ def run_benchmarks(
         meta = _meta("kernel", bed, batch, n=kernel_n, warmup=kernel_warmup)
         results["kernel"] = write_kernel_table(kraw, meta, out_dir)
     if "scaling" in benchmarks:
-        results["scaling"] = _scaling_finish(batch, bed, work, out_dir, ps)
+        results["scaling"] = _scaling_finish(batch, bed, work, out_dir, ps, "depth_kernel" in index)
     return results
 
 
@@ -842,6 +928,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         "populations": _ints(args.populations) if args.populations else None,
         "clients": _ints(args.clients) if args.clients else None,
         "client_hops": args.client_hops,
+        "depth_kernel_n": args.depth_kernel_n,
     }
     names = ["hop", "scaling"] if args.benchmark == "all" else [args.benchmark]
     results = run_benchmarks(
@@ -896,4 +983,7 @@ def register_cli(subparsers) -> None:
     g.add_argument("--populations", help="e.g. 0,100,1000,10000")
     g.add_argument("--clients", help="e.g. 1,2,4,8,16,32,64")
     g.add_argument("--client-hops", type=int, help="measured hops per client")
+    g.add_argument(
+        "--depth-kernel-n", type=int, help="C migrations per depth 1..31 (kernel side; 0: skip)"
+    )
     p.set_defaults(func=_cmd_bench)

@@ -304,6 +304,26 @@ def depth_fit(stats: pd.DataFrame, column: str) -> dict[str, float]:
     return {"slope": float(slope), "intercept": float(intercept), "r2": float(r2)}
 
 
+def depth_kernel_stats(dk: pd.DataFrame | None) -> pd.DataFrame:
+    """The C depth benchmark (``bench-depth-kernel.csv``): per depth, median and p90 (us) of the
+    kernel switch and of the ioctl round trip."""
+    if dk is None or dk.empty:
+        return pd.DataFrame(columns=["depth", "kernel_switch_us", "ioctl_round_trip_us"])
+    g = dk.groupby(["depth", "metric"])["ns"]
+    med = g.median().unstack() / 1e3
+    p90 = g.quantile(0.9).unstack() / 1e3
+    out = pd.DataFrame(
+        {
+            "n": dk[dk["metric"] == "kernel_switch"].groupby("depth").size(),
+            "kernel_switch_us": med["kernel_switch"],
+            "kernel_switch_p90_us": p90["kernel_switch"],
+            "ioctl_round_trip_us": med["ioctl_round_trip"],
+            "ioctl_round_trip_p90_us": p90["ioctl_round_trip"],
+        }
+    )
+    return out.reset_index()
+
+
 def population_stats(df: pd.DataFrame) -> pd.DataFrame:
     """Per number of processes already in the target: hops into it (median, p90)."""
     h = _hops(df, "population")
@@ -349,8 +369,12 @@ def client_stats(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def plot_scaling(df: pd.DataFrame, prov: dict[str, Any] | None = None) -> Figure:
-    """The four sweeps: route length, nesting depth, target population, concurrent clients."""
+def plot_scaling(
+    df: pd.DataFrame, prov: dict[str, Any] | None = None, depth_kernel: pd.DataFrame | None = None
+) -> Figure:
+    """The four sweeps: route length, nesting depth, target population, concurrent clients.
+    With ``depth_kernel`` (``bench-depth-kernel.csv``) the depth panel shows the C benchmark's
+    kernel switch (precise) instead of the one seen by the Python migrator."""
     fig = Figure(figsize=(11, 8))
     (a, b), (c, d) = fig.subplots(2, 2)
     cpus = ((prov or {}).get("guest") or {}).get("cpus")
@@ -383,7 +407,12 @@ def plot_scaling(df: pd.DataFrame, prov: dict[str, Any] | None = None) -> Figure
             )
         b.set_ylabel("hop median (ms)")
         b2 = b.twinx()
-        b2.plot(st["depth"], st["kernel_switch_us"], "s-", color="#9467bd", label="kernel switch")
+        kst = depth_kernel_stats(depth_kernel)
+        label = "kernel switch (Python migrator)"
+        if not kst.empty:
+            st = kst
+            label = "kernel switch (C subject, depth_bench)"
+        b2.plot(st["depth"], st["kernel_switch_us"], "s-", color="#9467bd", label=label)
         fit = depth_fit(st, "kernel_switch_us")
         b2.plot(
             st["depth"],
@@ -391,7 +420,7 @@ def plot_scaling(df: pd.DataFrame, prov: dict[str, Any] | None = None) -> Figure
             "--",
             color="#9467bd",
             lw=0.8,
-            label=f"fit: {fit['slope']:.1f} us/level, R²={fit['r2']:.2f}",
+            label=f"fit: {fit['slope']:.2f} us/level, R²={fit['r2']:.2f}",
         )
         b2.set_ylabel("kernel switch median (us)")
         lines = b.get_legend_handles_labels()

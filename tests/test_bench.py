@@ -224,6 +224,8 @@ TINY_SCALING = {
     "populations": [0, 50],
     "clients": [1, 2],
     "client_hops": 2,
+    "depth_kernel_n": 5,
+    "depth_kernel_depths": [1, 3, 31],
 }
 
 
@@ -254,9 +256,12 @@ def test_vm_hop_table(vm_bench) -> None:
     ok = [r for r in rows if r["status"] == "ok" and r["warmup"] == "0" and r["kind"] == "hop"]
     assert sum(r["backend"] == "kmod" for r in ok) == 4
     assert sum(r["backend"] == "restart" for r in ok) == 4
-    # kmod: the same process all along (start time); restart: a new one per hop.
+    # kmod: one process per round (x) all along (same start time); restart: a new one per hop.
     kmod = [r for r in ok if r["backend"] == "kmod"]
-    assert len({r["start_time"] for r in kmod}) == 1 and all(r["kernel_done"] for r in kmod)
+    assert len({(r["x"], r["start_time"]) for r in kmod}) == len({r["x"] for r in kmod}) == 2
+    assert all(r["kernel_done"] for r in kmod)
+    restart = [r for r in ok if r["backend"] == "restart"]
+    assert len({r["start_time"] + r["global_pid"] for r in restart}) == 4
     # criu: either hops or failures with CRIU's words: never a hop without its stamps.
     criu = [r for r in rows if r["backend"] in ("criu", "criu-direct") and r["kind"] == "hop"]
     assert criu and all(r["total_ns"] or r["error"] for r in criu)
@@ -289,6 +294,12 @@ def test_vm_scaling_table(vm_bench) -> None:
     prov = json.loads((out / "bench-scaling.provenance.json").read_text())
     assert prov["guest"]["errors"] == [] and not prov["kernel_log_problems"]
     assert "depth: kernel switch ns per level" in prov["ratios"]
+    assert "depth (C): kernel_switch ns per level" in prov["ratios"]
+    krows = _read(out / "bench-depth-kernel.csv")
+    assert {(r["depth"], r["metric"]) for r in krows} == {
+        (d, m) for d in ("1", "3", "31") for m in ("kernel_switch", "ioctl_round_trip")
+    }
+    assert len(krows) == 3 * 2 * 5 and {r["run_id"] for r in krows} == {prov["run_id"]}
 
 
 @pytest.mark.vm
