@@ -6,6 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 NSEXP  := $(VENV)/bin/nsexp
 OUT    ?= data/runs/latest
+FIGS   ?= figures/latest
 KERNEL ?=
 PYTEST_ARGS ?=
 
@@ -29,7 +30,7 @@ test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 run: setup
-	$(NSEXP) run --backend kmod --testbed vm --out $(OUT)
+	$(NSEXP) run --backend kmod --testbed vm --out $(OUT) --figures $(FIGS)
 
 lab: setup
 	$(VENV)/bin/jupyter lab --ip 127.0.0.1 --no-browser --notebook-dir notebooks \

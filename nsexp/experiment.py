@@ -736,6 +736,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--worker-index", type=int, default=1, help="worker's index among siblings")
     p.add_argument("--timeout", type=float, help="seconds to wait for the worker")
     p.add_argument("--quiet", action="store_true", help="do not let the worker print its hops")
+    p.add_argument(
+        "--figures",
+        type=Path,
+        help="also draw the run's hop table and process trees into this folder (host side)",
+    )
     p.add_argument("--record-testbed", help=argparse.SUPPRESS)  # "vm" when run inside the guest
 
 
@@ -785,6 +790,12 @@ def command(args: argparse.Namespace) -> int:
     print(result.table())
     if not result.ok:
         print(f"nsexp run: {result.error}", file=sys.stderr)
+    if getattr(args, "figures", None):
+        # pandas and matplotlib are host-side only: imported here, never in the guest.
+        from nsexp.plotting import figures_for_run
+
+        for path in figures_for_run(result.out, args.figures):
+            print(f"figure {path}")
     return 0 if result.ok else 1
 
 

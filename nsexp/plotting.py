@@ -368,3 +368,26 @@ def plot_phase_timings(hops: pd.DataFrame, title: str | None = None) -> Figure |
     ax.set_title(title or _title(hops, "Migration phases per hop"), fontsize=11)
     fig.tight_layout()
     return fig
+
+
+def figures_for_run(
+    run_dir: str | os.PathLike[str], figures_dir: str | os.PathLike[str], prefix: str = "run"
+) -> list[Path]:
+    """Draw one run folder's hop table, process trees and phase timings into ``figures_dir``.
+
+    This is what ``nsexp run --figures DIR`` (and so ``make run``) draws after a run.
+    """
+    from nsexp import io as nio
+
+    run = nio.read_run(run_dir)
+    prov = nio.provenance([run.meta], run_dir=str(run_dir))
+    return save_figures(
+        {
+            "hop_table": plot_hop_table(run.hops),
+            "process_trees": plot_process_trees(run.processes, run.hops),
+            "phases": plot_phase_timings(run.hops),
+        },
+        figures_dir,
+        prefix,
+        provenance=prov,
+    )
