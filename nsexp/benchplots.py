@@ -384,6 +384,17 @@ def plot_scaling(
         a.scatter(h["x"], _ms(h["total_ns"]), s=3, alpha=0.35, color=COLORS["kmod"])
         roll = _ms(h.sort_values("x")["total_ns"]).rolling(25, min_periods=5, center=True)
         a.plot(h.sort_values("x")["x"], roll.median(), color="black", lw=1, label="rolling median")
+        ok = measured(df)
+        rt = ok[(ok["sweep"] == "route") & (ok["kind"] == "round_trip")].sort_values("x")
+        if not rt.empty:
+            a.plot(
+                rt["x"],
+                _ms(rt["total_ns"]).rolling(25, min_periods=5, center=True).median(),
+                color=COLORS["round_trip"],
+                lw=1,
+                ls=":",
+                label="bare round trip before each hop (rolling median)",
+            )
         med = float(_ms(h["total_ns"]).median())
         a.axhspan(med / 1.2, med * 1.2, color="#2ca02c", alpha=0.12, label="median ±20%")
         a.set_xscale("log")
