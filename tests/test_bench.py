@@ -116,6 +116,25 @@ def test_scaling_summary_shapes() -> None:
     ]
 
 
+def test_depth_kernel_table_and_fit(tmp_path: Path) -> None:
+    raw = tmp_path / "raw.csv"
+    lines = [
+        f"{d},{i},{m},{(1000 * d if m == 'kernel_switch' else 5000) + i}"
+        for d in (1, 2, 3)
+        for i in range(3)
+        for m in ("ioctl_round_trip", "kernel_switch")
+    ]
+    raw.write_text("\n".join(lines) + "\n")
+    meta = {k: "x" for k in bench.META_COLUMNS}
+    table, summary, ratios = bench.write_depth_kernel(raw, meta, tmp_path)
+    rows = _read(table)
+    assert len(rows) == 18 and list(rows[0])[-4:] == ["depth", "i", "metric", "ns"]
+    assert summary["kernel_switch"][2]["median_ns"] == 2001
+    assert ratios["depth (C): kernel_switch ns per level"] == pytest.approx(1000)
+    assert ratios["depth (C): kernel_switch r2"] == pytest.approx(1)
+    assert json.loads((tmp_path / "bench-depth-kernel.provenance.json").read_text())["ratios"]
+
+
 def test_cli_has_one_bench_command(capsys: pytest.CaptureFixture[str]) -> None:
     from nsexp import cli
 
@@ -128,7 +147,7 @@ def test_cli_has_one_bench_command(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_c_helpers_build() -> None:
-    for name in ("kernel_bench", "populate"):
+    for name in ("kernel_bench", "populate", "depth_bench"):
         assert os.access(bench.build_c(name), os.X_OK)
 
 
