@@ -516,3 +516,68 @@ def above_floor(df: pd.DataFrame) -> pd.DataFrame:
         out["hop_vs_kmod"] = out["hop_ms"] / k["hop_ms"]
         out["mechanism_vs_kmod"] = out["mechanism_ms"] / k["mechanism_ms"]
     return out
+
+
+def _boot_median_ratio(a: np.ndarray, b: np.ndarray, rng: np.random.Generator, n: int) -> tuple:
+    """Bootstrap percentile interval (95 %) of median(a) / median(b), resampling both."""
+    ia = rng.integers(0, len(a), size=(n, len(a)))
+    ib = rng.integers(0, len(b), size=(n, len(b)))
+    r = np.median(a[ia], axis=1) / np.median(b[ib], axis=1)
+    return float(np.percentile(r, 2.5)), float(np.percentile(r, 97.5))
+
+
+def ratio_intervals(
+    hop: pd.DataFrame,
+    kernel: pd.DataFrame | None = None,
+    prov: dict[str, Any] | None = None,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """The ratios of issue 6 with a bootstrap 95 % interval (medians resampled, fixed seed),
+    and the target with whether the measured ratio meets it."""
+    ok = measured(hop)
+    rng = np.random.default_rng(seed)
+
+    def sample(backend: str, kind: str) -> np.ndarray:
+        s = ok[(ok["backend"] == backend) & (ok["kind"] == kind)]["total_ns"]
+        return s.dropna().to_numpy(dtype=float)
+
+    kmod = sample("kmod", "hop")
+    criu = sample("criu", "hop")
+    criu_label = "criu / kmod"
+    if len(criu) == 0:
+        criu = sample("criu-direct", "hop")
+    pairs = [
+        (criu_label, criu, kmod),
+        ("restart / kmod", sample("restart", "hop"), kmod),
+        ("kmod / round_trip", kmod, sample("kmod", "round_trip")),
+    ]
+    if kernel is not None and not kernel.empty:
+        k = kernel.groupby("metric")["ns"]
+        pairs.append(
+            (
+                "fork_wait / kernel_switch",
+                k.get_group("fork_wait").to_numpy(dtype=float),
+                k.get_group("kernel_switch").to_numpy(dtype=float),
+            )
+        )
+    targets = (prov or {}).get("targets") or {}
+    rows = []
+    for name, a, b in pairs:
+        if len(a) == 0 or len(b) == 0:
+            continue
+        lo, hi = _boot_median_ratio(a, b, rng, n_boot)
+        rows.append(
+            {
+                "ratio": name,
+                "value": float(np.median(a) / np.median(b)),
+                "ci95_low": lo,
+                "ci95_high": hi,
+                "n_num": len(a),
+                "n_den": len(b),
+                "target": targets.get(name, ""),
+            }
+        )
+    return pd.DataFrame(
+        rows, columns=["ratio", "value", "ci95_low", "ci95_high", "n_num", "n_den", "target"]
+    )
