@@ -198,14 +198,17 @@ static bool nsm_target_alive(struct pid_namespace *target)
 static int nsm_check_task(struct task_struct *tsk,
 			  struct pid_namespace *target)
 {
+	/* NULL once the task has been released, which RCU does not prevent. */
+	struct pid *pid = READ_ONCE(tsk->thread_pid);
+
 	if (tsk->flags & (PF_KTHREAD | PF_IO_WORKER))
 		return -EINVAL;
-	if (tsk->flags & PF_EXITING || tsk->exit_state ||
+	if (!pid || tsk->flags & PF_EXITING || tsk->exit_state ||
 	    fatal_signal_pending(tsk))
 		return -ESRCH;
-	if (is_child_reaper(task_pid(tsk)))
+	if (is_child_reaper(pid))
 		return -EINVAL;
-	if (task_active_pid_ns(tsk) == target)
+	if (ns_of_pid(pid) == target)
 		return -EINVAL;
 	/* Not supported in this version: see kmod/README.md. */
 	if (!thread_group_empty(tsk) || !list_empty(&tsk->children) ||
@@ -434,18 +437,22 @@ static struct pid_namespace *nsm_get_target(int fd)
 	return ns;
 }
 
-/* Refusals that need no help from the task, checked before queueing. */
+/*
+ * Refusals that need no help from the task, checked before queueing;
+ * permissions first, so that a caller without them learns nothing else.
+ */
 static int nsm_precheck(struct task_struct *tsk, struct pid_namespace *target)
 {
 	struct pid_namespace *src;
-	int err;
+	struct pid *pid;
+	int err = 0;
 
 	rcu_read_lock();
-	err = nsm_check_task(tsk, target);
-	src = err ? NULL : get_pid_ns(task_active_pid_ns(tsk));
+	pid = READ_ONCE(tsk->thread_pid);
+	src = pid ? get_pid_ns(ns_of_pid(pid)) : NULL;
 	rcu_read_unlock();
-	if (err)
-		return err;
+	if (!src)
+		return -ESRCH;
 
 	if (!ns_capable(src->user_ns, CAP_SYS_ADMIN) ||
 	    !ns_capable(target->user_ns, CAP_SYS_ADMIN))
@@ -454,6 +461,12 @@ static int nsm_precheck(struct task_struct *tsk, struct pid_namespace *target)
 	else if (!nsm_pidns_within(target, task_active_pid_ns(current)))
 		err = -EPERM;
 	put_pid_ns(src);
+	if (err)
+		return err;
+
+	rcu_read_lock();
+	err = nsm_check_task(tsk, target);
+	rcu_read_unlock();
 	return err;
 }
 
