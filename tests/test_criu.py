@@ -83,9 +83,10 @@ def test_criu_in_vm(vm_testbed, tmp_path):
     # host's /proc shows in the snapshot after the hop.
     with (outs["free"] / "processes.csv").open() as f:
         workers = [r for r in csv.DictReader(f) if r["role"] == "worker"]
-    assert [(int(w["snapshot"]), int(w["start_time"])) for w in workers] == [
-        (h["hop"], h["start_time"]) for h in free_hops
-    ]
+    # The correction converts a nanosecond clock offset into clock ticks: +-1 tick of rounding.
+    assert [int(w["snapshot"]) for w in workers] == [h["hop"] for h in free_hops]
+    for w, h in zip(workers, free_hops, strict=True):
+        assert abs(int(w["start_time"]) - h["start_time"]) <= 1, (w, h)
     assert free_hops[1]["dump_done"] < free_hops[1]["restore_done"] < free_hops[1]["resumed"]
     assert [h["status"] for h in paper_hops] == ["ok", "failed"], logs
     assert "File exists" in paper_hops[1]["error"], logs
