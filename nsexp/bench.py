@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from nsexp import testbed as tb
+from nsexp.benchguest import STAMPS
 
 REPO = Path(__file__).resolve().parent.parent
 CSRC = Path(__file__).resolve().parent / "csrc"
@@ -54,19 +55,7 @@ KERNEL_METRICS = (
 )
 META_COLUMNS = ("run_id", "benchmark", "testbed", "kernel", "code_version", "timestamp")
 
-#: Stamps of a hop, in the order they happen (a backend fills only some of them).
-STAMPS = (
-    "request_sent",
-    "manager_received",
-    "migrate_started",
-    "kernel_queued",
-    "kernel_switch_started",
-    "kernel_done",
-    "dump_done",
-    "restore_done",
-    "reply_sent",
-    "resumed",
-)
+
 #: Phase between two consecutive stamps -> a readable name (the rest are "a->b").
 PHASE_NAMES = {
     ("request_sent", "manager_received"): "request to manager",

@@ -18,30 +18,7 @@ from nsexp.hierarchy import Hierarchy, NamespacePlan
 PAPER = [("NS2", 2), ("NS3", 3), ("NS4", 4), ("NS5", 5)]
 
 
-@pytest.fixture(autouse=True)
-def no_children_left():
-    yield
-    try:
-        pid, _ = os.waitpid(-1, os.WNOHANG)
-    except ChildProcessError:
-        return
-    pytest.fail(f"the test left a child process behind (waitpid gave {pid})")
-
-
-def write_json(path: Path, obj) -> None:
-    """Write atomically: the test polls for the file and must never read half of it."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
-
-
-def wait_for(cond, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.01)
-    return False
+from proc_helpers import no_children_left, wait_for, write_json  # noqa: F401, E402
 
 
 def write_self(path: Path, extra: dict | None = None) -> None:

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from proc_helpers import no_children_left, wait_for, write_json  # noqa: F401, E402
 
 from nsexp import nsutil, protocol
 from nsexp.backends import Backend, Namespace, Peer
@@ -23,32 +24,6 @@ from nsexp.backends.restart import ManagerSide as Restart
 from nsexp.client import Client, ManagerError, ManagerUnavailable
 from nsexp.hierarchy import Hierarchy, NamespacePlan
 from nsexp.manager import Manager
-
-
-@pytest.fixture(autouse=True)
-def no_children_left():
-    yield
-    try:
-        pid, _ = os.waitpid(-1, os.WNOHANG)
-    except ChildProcessError:
-        return
-    pytest.fail(f"the test left a child process behind (waitpid gave {pid})")
-
-
-def write_json(path: Path, obj) -> None:
-    """Write atomically: the test polls for the file and must never read half of it."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
-
-
-def wait_for(cond, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.01)
-    return False
 
 
 class Echo(Backend):
