@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 
 from nsexp import io as nio
+from nsexp import explorer as ex
 from nsexp import notebooks as nb
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -248,7 +249,7 @@ def test_notebook_01_kmod_vm(tmp_path: Path) -> None:
 @needs_root
 def test_run_batch_repeats_native(tmp_path: Path) -> None:
     """run_batch: one folder per repeat, read back as tidy tables numbered by repeat."""
-    runs = nb.run_batch("restart", "native", tmp_path, repeats=2, **nb.LAYOUTS["quick"])
+    runs = nb.run_batch("restart", "native", tmp_path, repeats=2, **ex.LAYOUTS["quick"])
     assert [p.name for p in nio.find_run_dirs(tmp_path)] == ["000", "001"]
     assert runs.hops["repeat"].tolist() == [0, 0, 1, 1]
     assert runs.hops["value"].tolist() == [10, 20, 10, 20]
@@ -270,7 +271,7 @@ def test_cli_figures_failing_notebook(tmp_path: Path, capsys: pytest.CaptureFixt
 @needs_root
 def test_explorer_button_runs(tmp_path: Path) -> None:
     """Pressing Run in the explorer runs the chosen layout and keeps the result."""
-    explorer = nb.Explorer(tmp_path, backend="restart", testbed="native", layout="quick")
+    explorer = ex.Explorer(tmp_path, backend="restart", testbed="native", layout="quick")
     assert explorer.status.value == "ready"
     explorer.button.click()
     assert explorer.runs is not None, explorer.status.value
