@@ -21,7 +21,6 @@ import queue
 import secrets
 import shlex
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -31,11 +30,20 @@ from pathlib import Path
 from typing import Any
 
 from nsexp.backends import BACKENDS, MigrationError, Peer, get_backend, worker_side
-from nsexp.hierarchy import PROCESS_COLUMNS, Hierarchy, NamespacePlan
+from nsexp.hierarchy import Hierarchy, NamespacePlan
 from nsexp.manager import Manager
-from nsexp.worker import (
+from nsexp.records import (
     HOP_COLUMNS,
+    HOPS_FILE,
+    PROCESS_COLUMNS,
+    PROCESSES_FILE,
     RECORDS_FILE,
+    RUN_FILE,
+    code_version,
+    read_jsonl,
+)
+from nsexp.records import write_csv as _write_csv
+from nsexp.worker import (
     Worker,
     WorkerConfig,
     append_record,
@@ -43,9 +51,6 @@ from nsexp.worker import (
 )
 
 TESTBEDS = ("vm", "native")
-HOPS_FILE = "hops.csv"
-PROCESSES_FILE = "processes.csv"
-RUN_FILE = "run.json"
 SOCKET_DIRS = ("/run/nsexp", "/tmp/nsexp")  # never the 9p share: no sockets there
 
 
@@ -251,27 +256,6 @@ class _Terminated(Exception):
     """SIGTERM during a run: unwound like Ctrl-C so that teardown runs."""
 
 
-def code_version() -> str:
-    """``git describe`` of the source tree, else the package version."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        out = subprocess.run(
-            ["git", "describe", "--always", "--dirty", "--tags"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-        if out:
-            return out
-    except (OSError, subprocess.SubprocessError):
-        pass
-    import nsexp
-
-    return str(getattr(nsexp, "__version__", "unknown"))
-
-
 def run(
     spec: LayoutSpec,
     backend: str,
@@ -445,25 +429,9 @@ def _install_sigterm() -> Any:
 
 
 def read_records(out: Path) -> list[dict[str, Any]]:
-    """The worker's JSON lines, one per hop, in hop order (a torn last line is skipped)."""
-    path = out / RECORDS_FILE
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue
+    """The worker's hop records, in hop order."""
+    rows = read_jsonl(out / RECORDS_FILE)
     return sorted(rows, key=lambda r: r.get("hop") if isinstance(r.get("hop"), int) else 1e9)
-
-
-def _write_csv(path: Path, columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> None:
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({c: "" if r.get(c) is None else r.get(c) for c in columns})
 
 
 def _assemble(

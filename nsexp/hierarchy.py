@@ -31,8 +31,6 @@ from nsexp.backends import Namespace
 Program = Callable[[], None]
 Entry = Callable[[dict[str, Any]], None]
 
-PROCESS_COLUMNS = ("snapshot", "ns", "role", "pid", "global_pid", "ppid", "state", "start_time")
-
 
 @dataclass
 class NamespacePlan:
@@ -292,7 +290,7 @@ class Hierarchy:
         return nsutil.pids_in_namespaces(set(self.inodes))
 
     def snapshot(self, index: int, worker_global_pid: int | None = None) -> list[dict[str, Any]]:
-        """One row per live (non-zombie) process of the tree, in PROCESS_COLUMNS."""
+        """One row per live (non-zombie) process of the tree, in records.PROCESS_COLUMNS."""
         infos = []
         for pid in self.live_pids():
             try:

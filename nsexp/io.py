@@ -16,7 +16,6 @@ import datetime as _dt
 import hashlib
 import json
 import os
-import subprocess
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,43 +24,12 @@ from typing import Any
 
 import pandas as pd
 
-HOPS_FILE = "hops.csv"
-PROCESSES_FILE = "processes.csv"
-RUN_FILE = "run.json"
+from nsexp.records import HOP_COLUMNS, HOPS_FILE, PROCESS_COLUMNS, PROCESSES_FILE, RUN_FILE, STAMPS
+from nsexp.records import code_version as code_version
+from nsexp.records import sidecar_path as provenance_path
 
-#: CLOCK_MONOTONIC timestamps (ns) of the migration that brought the worker to a hop (empty on
-#: hop 0 and where a backend lacks the phase). Mirrors nsexp.worker.TIMING_COLUMNS.
-PHASE_COLUMNS: tuple[str, ...] = (
-    "request_sent",
-    "manager_received",
-    "migrate_started",
-    "kernel_queued",
-    "kernel_switch_started",
-    "kernel_done",
-    "reply_sent",
-    "resumed",
-)
-
-#: Columns every hop table has (a backend leaves phase columns empty where it lacks the phase).
-HOP_COLUMNS: tuple[str, ...] = (
-    "run_id",
-    "backend",
-    "testbed",
-    "kernel",
-    "hop",
-    "ns",
-    "value",
-    "pid",
-    "global_pid",
-    "ppid",
-    "start_time",
-    *PHASE_COLUMNS,
-    "status",
-    "error",
-)
-
-#: Columns every process-snapshot table has.
-PROCESS_COLUMNS: tuple[str, ...] = ("snapshot", "ns", "role", "pid", "global_pid", "ppid")
+#: CLOCK_MONOTONIC timestamps (ns) of the migration that brought the worker to a hop.
+PHASE_COLUMNS: tuple[str, ...] = STAMPS
 
 #: Columns of the paper's hop table (see :func:`hop_table`).
 HOP_TABLE_COLUMNS: tuple[str, ...] = (
@@ -395,23 +363,6 @@ def phase_durations(hops: pd.DataFrame) -> pd.DataFrame:
 # --- writing tables with provenance --------------------------------------------------------
 
 
-def code_version(repo: str | os.PathLike[str] | None = None) -> str:
-    """``git describe --always --dirty`` of the source tree, or ``"unknown"``."""
-    cwd = Path(repo) if repo else Path(__file__).resolve().parent.parent
-    try:
-        out = subprocess.run(
-            ["git", "describe", "--always", "--dirty", "--tags"],
-            cwd=cwd,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        )
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def provenance(
     source: Runs | Sequence[Mapping[str, Any]] | None = None,
     command: str | Sequence[str] | None = None,
@@ -447,12 +398,6 @@ def provenance(
     }
     prov.update(extra)
     return prov
-
-
-def provenance_path(path: str | os.PathLike[str]) -> Path:
-    """The sidecar of a table file: ``<name>.provenance.json`` beside ``<name>.<ext>``."""
-    p = Path(path)
-    return p.with_name(p.name.split(".")[0] + ".provenance.json")
 
 
 def _sha256(path: Path) -> str:

@@ -21,36 +21,9 @@ from typing import Any
 from nsexp import nsutil
 from nsexp.backends import MigrationError, WorkerSide
 from nsexp.client import Client, ManagerError
+from nsexp.records import HOP_COLUMNS, RECORDS_FILE, STAMPS, append_jsonl
 
-TIMING_COLUMNS = (
-    "request_sent",
-    "manager_received",
-    "migrate_started",
-    "kernel_queued",
-    "kernel_switch_started",
-    "kernel_done",
-    "dump_done",  # criu: checkpoint written
-    "restore_done",  # criu: process restored in the target
-    "reply_sent",
-    "resumed",
-)
-HOP_COLUMNS = (
-    "run_id",
-    "backend",
-    "testbed",
-    "kernel",
-    "hop",
-    "ns",
-    "value",
-    "pid",
-    "global_pid",
-    "ppid",
-    "start_time",
-    *TIMING_COLUMNS,
-    "status",
-    "error",
-)
-RECORDS_FILE = "records.jsonl"
+TIMING_COLUMNS = STAMPS
 REEXEC_ENV = "NSEXP_WORKER_CONFIG"  # set in a worker that re-executed itself (criu)
 
 
@@ -85,13 +58,8 @@ def blank_record(cfg: WorkerConfig, hop: int, ns: str) -> dict[str, Any]:
 
 
 def append_record(out_dir: str, record: dict[str, Any]) -> None:
-    """Append one JSON line (one write on an O_APPEND fd, opened and closed each time)."""
-    line = (json.dumps(record, separators=(",", ":")) + "\n").encode()
-    fd = os.open(Path(out_dir) / RECORDS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, line)
-    finally:
-        os.close(fd)
+    """Append one hop record to the run's records file."""
+    append_jsonl(Path(out_dir) / RECORDS_FILE, record)
 
 
 class Worker:
