@@ -331,7 +331,10 @@ class Testbed(ABC):
         command_timeout: float | None = None,
         load_module: bool = True,
         env: Mapping[str, str] | None = None,
-    ) -> BatchResult: ...
+        kernel_args: Sequence[str] = (),
+    ) -> BatchResult:
+        """Run ``commands`` in one batch; ``kernel_args`` are extra kernel command line
+        arguments for this boot (VM only; the native testbed refuses them)."""
 
     def run(self, command: str, **kwargs) -> CommandResult:
         """Run one command (one boot for the VM)."""
@@ -366,10 +369,19 @@ class VMTestbed(Testbed):
 
     name = "vm"
 
-    def __init__(self, kernel: str | None = None, *, memory: str = "2G", cpus: int = 2):
+    def __init__(
+        self,
+        kernel: str | None = None,
+        *,
+        memory: str = "2G",
+        cpus: int = 2,
+        kernel_args: Sequence[str] = (),
+    ):
         self.kernel = kernel or os.environ.get("NSEXP_KERNEL") or default_kernel()
         self.memory = memory
         self.cpus = cpus
+        #: extra kernel command line arguments for every boot (vng --append)
+        self.kernel_args = list(kernel_args)
         self.image = Path(f"/boot/vmlinuz-{self.kernel}")
         if not self.image.exists():
             have = ", ".join(available_kernels()) or "none"
@@ -379,7 +391,8 @@ class VMTestbed(Testbed):
             )
 
     def __repr__(self) -> str:
-        return f"VMTestbed(kernel={self.kernel!r}, memory={self.memory!r}, cpus={self.cpus})"
+        extra = f", kernel_args={self.kernel_args!r}" if self.kernel_args else ""
+        return f"VMTestbed(kernel={self.kernel!r}, memory={self.memory!r}, cpus={self.cpus}{extra})"
 
     def kernel_release(self) -> str:
         return self.kernel
@@ -413,7 +426,14 @@ class VMTestbed(Testbed):
             )
         return vng
 
-    def vng_command(self, vng: str, *, rwdirs: Sequence[Path] = (), exec_: str | None = None):
+    def vng_command(
+        self,
+        vng: str,
+        *,
+        rwdirs: Sequence[Path] = (),
+        exec_: str | None = None,
+        kernel_args: Sequence[str] = (),
+    ):
         cmd = [
             vng,
             "--run",
@@ -426,6 +446,8 @@ class VMTestbed(Testbed):
         ]
         for d in rwdirs:
             cmd += ["--rwdir", str(d)]
+        for arg in [*self.kernel_args, *kernel_args]:
+            cmd += ["--append", arg]
         if exec_ is not None:
             cmd += ["--exec", exec_]
         return cmd
@@ -505,6 +527,7 @@ class VMTestbed(Testbed):
         command_timeout: float | None = None,
         load_module: bool = True,
         env: Mapping[str, str] | None = None,
+        kernel_args: Sequence[str] = (),
     ) -> BatchResult:
         commands = list(commands)
         env = self._check_env(env)
@@ -519,7 +542,12 @@ class VMTestbed(Testbed):
                 commands, out_dir, command_timeout=command_timeout, load_module=load_module, env=env
             )
         )
-        cmd = self.vng_command(vng, rwdirs=[out_dir], exec_=f"bash {shlex.quote(str(script))}")
+        cmd = self.vng_command(
+            vng,
+            rwdirs=[out_dir],
+            exec_=f"bash {shlex.quote(str(script))}",
+            kernel_args=kernel_args,
+        )
         (meta / "vng-command").write_text(shlex.join(cmd) + "\n")
         console_path = out_dir / "console.log"
 
@@ -630,7 +658,7 @@ class VMTestbed(Testbed):
             duration_s=duration,
         )
 
-    def shell(self, *, load_module: bool = True) -> int:
+    def shell(self, *, load_module: bool = True, kernel_args: Sequence[str] = ()) -> int:
         """An interactive shell in the VM (with the module loaded); returns vng's exit status.
 
         vng's own interactive console (a real tty with job control) runs a wrapper given as the
@@ -667,7 +695,7 @@ class VMTestbed(Testbed):
         lines += [f"exec /bin/bash --rcfile {q(str(rcfile))} -i"]
         wrapper.write_text("\n".join(lines) + "\n")
         wrapper.chmod(0o755)
-        cmd = self.vng_command(vng) + ["--shell", str(wrapper)]
+        cmd = self.vng_command(vng, kernel_args=kernel_args) + ["--shell", str(wrapper)]
         try:
             return subprocess.call(cmd, cwd=REPO_ROOT, env=self._vng_env(vng))
         except KeyboardInterrupt:
@@ -729,9 +757,15 @@ class NativeTestbed(Testbed):
         command_timeout: float | None = None,
         load_module: bool = True,
         env: Mapping[str, str] | None = None,
+        kernel_args: Sequence[str] = (),
     ) -> BatchResult:
         commands = list(commands)
         extra = self._check_env(env)
+        if kernel_args:
+            raise TestbedError(
+                f"the native testbed cannot change its kernel's command line ({kernel_args}); "
+                "use --testbed vm"
+            )
         if load_module and not os.path.exists(self.device):
             raise TestbedError(
                 f"the module is not loaded on this host ({self.device} does not exist); "
@@ -842,14 +876,16 @@ def get_testbed(name: str, **kwargs) -> Testbed:
 
 
 def _cmd_vm_shell(args: argparse.Namespace) -> int:
-    tb = VMTestbed(args.kernel, memory=args.memory, cpus=args.cpus)
+    tb = VMTestbed(args.kernel, memory=args.memory, cpus=args.cpus, kernel_args=args.append)
     print(f"nsexp: booting {tb.kernel} under TCG (about a minute); `exit` leaves the VM")
     return tb.shell(load_module=not args.no_module)
 
 
 def _cmd_testbed_check(args: argparse.Namespace) -> int:
     if args.testbed == "vm":
-        tb: Testbed = VMTestbed(args.kernel, memory=args.memory, cpus=args.cpus)
+        tb: Testbed = VMTestbed(
+            args.kernel, memory=args.memory, cpus=args.cpus, kernel_args=args.append
+        )
     else:
         tb = NativeTestbed()
     if args.module == "auto":
@@ -893,6 +929,7 @@ def register_cli(subparsers) -> None:
     p.add_argument("--memory", default="2G")
     p.add_argument("--cpus", type=int, default=2)
     p.add_argument("--no-module", action="store_true", help="do not build/load the module")
+    _add_append(p)
     p.set_defaults(func=_cmd_vm_shell)
 
     p = subparsers.add_parser(
@@ -910,4 +947,16 @@ def register_cli(subparsers) -> None:
         help="load the module (auto: if kmod/ has a Makefile, for vm; if loaded, for native)",
     )
     p.add_argument("--timeout", type=float, default=600, help="seconds for the whole boot")
+    _add_append(p)
     p.set_defaults(func=_cmd_testbed_check)
+
+
+def _add_append(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--append",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra kernel command line argument for the VM (repeatable), "
+        "e.g. --append slub_debug=FZPU --append kfence.sample_interval=1",
+    )

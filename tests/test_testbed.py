@@ -123,6 +123,21 @@ def test_missing_vng_names_the_fix(monkeypatch, tmp_path):
         tb.find_vng()
 
 
+def test_kernel_args_become_vng_appends():
+    t = VMTestbed(kernel_args=["slub_debug=FZPU", "kfence.sample_interval=1"])
+    cmd = t.vng_command("vng", kernel_args=["page_poison=1"])
+    appended = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--append"]
+    assert appended == ["slub_debug=FZPU", "kfence.sample_interval=1", "page_poison=1"]
+    assert "slub_debug" in repr(t)
+
+
+def test_native_refuses_kernel_args(tmp_path):
+    with pytest.raises(TestbedError, match="--testbed vm"):
+        NativeTestbed().run_batch(
+            ["true"], load_module=False, out_dir=tmp_path, kernel_args=["quiet"]
+        )
+
+
 def test_get_testbed():
     assert isinstance(get_testbed("native"), NativeTestbed)
     assert get_testbed("native").name == "native"
@@ -207,7 +222,11 @@ VM_COMMANDS = [
     "sleep 600",
     # 3: the batch goes on after a timed-out command
     "echo after; uname -r",
+    # 4: the extra kernel arguments reached the guest's command line
+    "cat /proc/cmdline",
 ]
+#: extra kernel arguments given to the batch's boot (harmless on any kernel)
+VM_KERNEL_ARGS = ["nsexp.test=one", "nsexp.other=2"]
 VM_COMMAND_TIMEOUT = 20
 
 
@@ -221,6 +240,7 @@ def vm_batch(vm_testbed) -> BatchResult:
         command_timeout=VM_COMMAND_TIMEOUT,
         load_module=False,
         env={"MYVAR": "a b'c"},
+        kernel_args=VM_KERNEL_ARGS,
     )
     return res
 
@@ -255,6 +275,10 @@ class TestVMBatch:
         assert r.timed_out, r
         assert VM_COMMAND_TIMEOUT * 0.9 <= r.duration_s < VM_COMMAND_TIMEOUT + 15
         assert vm_batch.results[3].ok
+
+    def test_kernel_args_reach_the_guest(self, vm_batch):
+        cmdline = vm_batch.results[4].stdout.split()
+        assert all(arg in cmdline for arg in VM_KERNEL_ARGS), cmdline
 
     def test_kernel_log(self, vm_batch):
         assert "Linux version" in vm_batch.dmesg
