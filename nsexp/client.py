@@ -1,13 +1,20 @@
-"""Client side of the manager protocol: one connection per request.
+"""Client side of the manager protocol (v2): one long-lived connection per process.
 
-A fresh connection per request matters: the manager identifies the caller by SO_PEERCRED, which
-the kernel records at connect time, and a migrated process has a new global pid afterwards.
+The manager learns who sends each request from the credentials the kernel attaches to every
+message (SCM_CREDENTIALS: the sender's current pid), so one connection serves a process across
+its migrations: after a kmod hop the same process keeps the same connected socket. A forked
+child never shares its parent's connection: it opens its own on first use. A reply carrying
+``"close": true`` (the process is handed over: restart exits, CRIU dumps it) ends the connection.
+``reconnect=True`` opens a new connection per request: the old path, kept as a measured baseline.
 Standard library only: used by processes inside the namespaces.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import socket
+import weakref
 from typing import Any
 
 from nsexp import protocol
@@ -29,16 +36,87 @@ class ManagerUnavailable(ManagerError):
     """No manager listens, or it went away before replying (killed, restarted)."""
 
 
-class Client:
-    """Talks to a manager at ``path``; ``timeout`` (s) bounds connect and each reply wait."""
+_clients: weakref.WeakSet[Client] = weakref.WeakSet()
 
-    def __init__(self, path: str = DEFAULT_SOCKET, timeout: float | None = None) -> None:
+
+def _forget_connections_in_child() -> None:
+    # The child holds copies of its parent's connections: using them would interleave both
+    # processes' frames on one stream. Closing the copy leaves the parent's connection intact.
+    for client in list(_clients):
+        client._drop()
+
+
+os.register_at_fork(after_in_child=_forget_connections_in_child)
+
+
+class Client:
+    """Talks to a manager at ``path``; ``timeout`` (s) bounds connect and each reply wait.
+
+    ``reconnect=True``: a new connection per request (the old path; a baseline only).
+    """
+
+    def __init__(
+        self, path: str = DEFAULT_SOCKET, timeout: float | None = None, *, reconnect: bool = False
+    ) -> None:
         self.path = path
         self.timeout = timeout
+        self.reconnect = reconnect
+        self._sock: socket.socket | None = None
+        _clients.add(self)
+
+    # -- connection ------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        """True while a connection is open (it is opened on the first request)."""
+        return self._sock is not None
+
+    def connect(self) -> None:
+        """Open the connection now (otherwise the first request does)."""
+        if self._sock is not None:
+            return
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.path)
+        except OSError as exc:
+            sock.close()
+            raise ManagerUnavailable(
+                "unavailable", f"cannot connect to {self.path}: {exc.strerror or exc}"
+            ) from None
+        self._sock = sock
+
+    def close(self) -> None:
+        """Close the connection; a later request opens a new one."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def _drop(self) -> None:
+        self.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        sock = getattr(self, "_sock", None)
+        if sock is not None:
+            sock.close()
+
+    # -- requests --------------------------------------------------------------------------
 
     def request(self, msg: dict[str, Any]) -> dict[str, Any]:
         """Send one request, return the reply; raises ManagerError if the reply is an error."""
-        reply = self._exchange(msg)
+        try:
+            reply = self._exchange(protocol.encode(msg))
+        finally:
+            if self.reconnect:
+                self.close()
+        if reply.get("close"):
+            self.close()
         if not reply.get("ok"):
             err = reply.get("error") or {}
             raise ManagerError(
@@ -46,31 +124,41 @@ class Client:
             )
         return reply
 
-    def _exchange(self, msg: dict[str, Any]) -> dict[str, Any]:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    def _exchange(self, frame: bytes) -> dict[str, Any]:
+        reused = self._sock is not None
+        self.connect()
+        assert self._sock is not None
         try:
-            sock.settimeout(self.timeout)
             try:
-                sock.connect(self.path)
-            except OSError as exc:
-                raise ManagerUnavailable(
-                    "unavailable", f"cannot connect to {self.path}: {exc.strerror or exc}"
-                ) from None
-            try:
-                protocol.send_msg(sock, msg)
-                return protocol.recv_msg(sock)
-            except protocol.ConnectionClosed:
-                raise ManagerUnavailable(
-                    "manager_gone", "the manager closed the connection before replying"
-                ) from None
-            except TimeoutError:
-                raise ManagerUnavailable("timeout", "no reply from the manager in time") from None
-            except (ConnectionResetError, BrokenPipeError) as exc:
-                raise ManagerUnavailable(
-                    "manager_gone", f"connection to the manager lost: {exc.strerror}"
-                ) from None
-        finally:
-            sock.close()
+                self._sock.sendall(frame)
+            except (BrokenPipeError, ConnectionResetError):
+                if not reused:
+                    raise
+                # The manager closed this idle connection (it restarted, or it ends connections
+                # after an error): it has not seen this request, so send it on a new one.
+                self.close()
+                self.connect()
+                assert self._sock is not None
+                self._sock.sendall(frame)
+            return protocol.recv_msg(self._sock)
+        except protocol.ConnectionClosed:
+            self.close()
+            raise ManagerUnavailable(
+                "manager_gone", "the manager closed the connection before replying"
+            ) from None
+        except protocol.ProtocolError as exc:
+            self.close()
+            raise ManagerError(exc.code, f"bad reply from the manager: {exc.message}") from None
+        except TimeoutError:
+            self.close()  # a late reply would be read as the answer to the next request
+            raise ManagerUnavailable("timeout", "no reply from the manager in time") from None
+        except OSError as exc:
+            self.close()
+            if exc.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
+                raise
+            raise ManagerUnavailable(
+                "manager_gone", f"connection to the manager lost: {exc.strerror}"
+            ) from None
 
     def ping(self) -> dict[str, Any]:
         """Ask the manager who it thinks we are (global pid, namespace)."""

@@ -1,8 +1,10 @@
-"""Wire protocol between manager and clients: length-prefixed, versioned JSON frames.
+"""Wire protocol v2 between manager and clients: length-prefixed, versioned JSON frames.
 
 A frame is a 4-byte big-endian length followed by that many bytes of UTF-8 JSON encoding one
 object, which carries ``"v": VERSION``. Frames larger than ``MAX_FRAME`` are refused before their
 body is read, so a hostile or broken client cannot make the manager allocate without bound.
+Who sent a frame is not part of it: the manager reads the sender's credentials that the kernel
+attaches to each message (SCM_CREDENTIALS, see nsexp.manager and docs/manager.md).
 Standard library only: this module is imported inside the VM guest.
 """
 
@@ -11,20 +13,38 @@ from __future__ import annotations
 import json
 import socket
 import struct
-from typing import Any
+from typing import Any, NamedTuple
 
-VERSION = 1
+VERSION = 2
 MAX_FRAME = 64 * 1024
-_HEADER = struct.Struct(">I")
+HEADER = struct.Struct(">I")
+UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+CMSG_CREDS_SPACE = socket.CMSG_SPACE(UCRED.size)
+
+
+class Credentials(NamedTuple):
+    """A sender as the kernel describes it, pid translated into the receiver's namespace."""
+
+    pid: int
+    uid: int
+    gid: int
 
 
 class ProtocolError(Exception):
-    """A frame that cannot be accepted; ``code`` is a stable machine-readable reason."""
+    """A frame that cannot be accepted; ``code`` is a stable machine-readable reason.
 
-    def __init__(self, code: str, message: str) -> None:
+    ``fatal``: the byte stream cannot be trusted past this frame (the connection must end).
+    ``peer_version``: for a version error, the version the peer spoke (to answer it in kind).
+    """
+
+    def __init__(
+        self, code: str, message: str, fatal: bool = False, peer_version: Any = None
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.fatal = fatal
+        self.peer_version = peer_version
 
 
 class ConnectionClosed(ProtocolError):
@@ -32,8 +52,18 @@ class ConnectionClosed(ProtocolError):
 
     def __init__(self, partial: bool) -> None:
         what = "in the middle of a frame" if partial else "before sending a frame"
-        super().__init__("closed", f"connection closed {what}")
+        super().__init__("closed", f"connection closed {what}", fatal=True)
         self.partial = partial
+
+
+def version_message(version: Any) -> str:
+    """Why a frame of another protocol version is refused, and what to do about it."""
+    return (
+        f"protocol version {version!r} is not served: this manager speaks v{VERSION} "
+        "(one long-lived connection per process, the sender identified by kernel credentials "
+        "per message); update the client to nsexp.client.Client of the same nsexp tree as "
+        "the manager"
+    )
 
 
 def encode(obj: dict[str, Any]) -> bytes:
@@ -45,7 +75,7 @@ def encode(obj: dict[str, Any]) -> bytes:
     body = json.dumps(obj, separators=(",", ":")).encode()
     if len(body) > MAX_FRAME:
         raise ProtocolError("too_large", f"message of {len(body)} bytes exceeds {MAX_FRAME}")
-    return _HEADER.pack(len(body)) + body
+    return HEADER.pack(len(body)) + body
 
 
 def decode_body(body: bytes) -> dict[str, Any]:
@@ -57,8 +87,69 @@ def decode_body(body: bytes) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise ProtocolError("malformed", "frame is not a JSON object")
     if obj.get("v") != VERSION:
-        raise ProtocolError("version", f"unsupported protocol version {obj.get('v')!r}")
+        raise ProtocolError("version", version_message(obj.get("v")), peer_version=obj.get("v"))
     return obj
+
+
+def parse_credentials(ancdata: list[tuple[int, int, bytes]]) -> Credentials | None:
+    """The SCM_CREDENTIALS of a recvmsg() result, or None if it carries none."""
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+            return Credentials(*UCRED.unpack(data[: UCRED.size]))
+    return None
+
+
+class FrameReader:
+    """Cuts a byte stream into frames, each with the credentials it arrived with.
+
+    The kernel never glues data of two senders into one recvmsg(), so every chunk has one
+    sender; a frame whose chunks come from different senders is refused (fatal).
+    """
+
+    def __init__(self, max_frame: int = MAX_FRAME) -> None:
+        self.max_frame = max_frame
+        self._buf = bytearray()
+        self._creds: Credentials | None = None  # of the frame being assembled
+
+    @property
+    def partial(self) -> bool:
+        """True while a frame has started but is not complete."""
+        return bool(self._buf)
+
+    def feed(
+        self, data: bytes, creds: Credentials | None
+    ) -> list[tuple[Credentials | None, dict[str, Any] | ProtocolError]]:
+        """Add received bytes; return the frames completed by them (or their errors)."""
+        out: list[tuple[Credentials | None, dict[str, Any] | ProtocolError]] = []
+        view = memoryview(data)
+        while view:
+            if not self._buf:
+                self._creds = creds
+            elif creds != self._creds:
+                err = ProtocolError("mixed_senders", "a frame arrived from two processes", True)
+                return [*out, (creds, err)]
+            take = len(view)
+            if len(self._buf) >= HEADER.size:
+                (length,) = HEADER.unpack_from(self._buf)
+                take = min(take, HEADER.size + length - len(self._buf))
+            else:
+                take = min(take, HEADER.size - len(self._buf))
+            self._buf += view[:take]
+            view = view[take:]
+            if len(self._buf) < HEADER.size:
+                continue
+            (length,) = HEADER.unpack_from(self._buf)
+            if length > self.max_frame:
+                msg = f"frame of {length} bytes exceeds {self.max_frame}"
+                return [*out, (self._creds, ProtocolError("too_large", msg, fatal=True))]
+            if len(self._buf) == HEADER.size + length:
+                body = bytes(self._buf[HEADER.size :])
+                self._buf.clear()
+                try:
+                    out.append((self._creds, decode_body(body)))
+                except ProtocolError as exc:
+                    out.append((self._creds, exc))
+        return out
 
 
 def _recv_exact(sock: socket.socket, n: int, started: bool) -> bytes:
@@ -73,9 +164,9 @@ def _recv_exact(sock: socket.socket, n: int, started: bool) -> bytes:
 
 def recv_msg(sock: socket.socket, max_frame: int = MAX_FRAME) -> dict[str, Any]:
     """Read one frame; raises ProtocolError, ConnectionClosed or socket.timeout/OSError."""
-    (length,) = _HEADER.unpack(_recv_exact(sock, _HEADER.size, False))
+    (length,) = HEADER.unpack(_recv_exact(sock, HEADER.size, False))
     if length > max_frame:
-        raise ProtocolError("too_large", f"frame of {length} bytes exceeds {max_frame}")
+        raise ProtocolError("too_large", f"frame of {length} bytes exceeds {max_frame}", True)
     return decode_body(_recv_exact(sock, length, True))
 
 

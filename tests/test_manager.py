@@ -1,4 +1,5 @@
-"""The manager: bad input, identity, policy, concurrency, dying clients, a dying manager."""
+"""The manager: bad input, identity, policy, concurrency, dying clients, a dying manager,
+long-lived connections with the sender named by the kernel per message, the legacy baseline."""
 
 from __future__ import annotations
 
@@ -77,19 +78,23 @@ def request_to_file(path: str, out: Path, target: str, **fields):
     return run
 
 
-def raw_exchange(path: str, data: bytes, shutdown: bool = False) -> dict | None:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(5)
-    s.connect(path)
-    s.sendall(data)
-    if shutdown:
-        s.shutdown(socket.SHUT_WR)
-    try:
-        return protocol.recv_msg(s)
-    except protocol.ConnectionClosed:
+def read_any_version(s: socket.socket) -> dict | None:
+    """One reply frame, whatever its version (None if the connection closed first)."""
+    header = s.recv(4, socket.MSG_WAITALL)
+    if not header:
         return None
-    finally:
-        s.close()
+    (length,) = struct.unpack(">I", header)
+    return json.loads(s.recv(length, socket.MSG_WAITALL))
+
+
+def raw_exchange(path: str, data: bytes, shutdown: bool = False) -> dict | None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(5)
+        s.connect(path)
+        s.sendall(data)
+        if shutdown:
+            s.shutdown(socket.SHUT_WR)
+        return read_any_version(s)
 
 
 @pytest.fixture
@@ -111,7 +116,8 @@ def test_bad_input_gets_error_replies_and_service_goes_on(sock, three_ns, caplog
         cases = [
             (struct.pack(">I", 9) + b"not json!", "malformed"),
             (struct.pack(">I", protocol.MAX_FRAME + 1), "too_large"),
-            (frame({"v": 2, "op": "ping"}), "version"),
+            (frame({"v": 1, "op": "ping"}), "version"),
+            (frame({"v": 3, "op": "ping"}), "version"),
             (frame({"op": "dance"}), "unknown_op"),
             (frame({"op": "record", "record": [1]}), "bad_request"),
             (frame({"op": "migrate", "target": "Nowhere"}), "unknown_namespace"),
@@ -123,7 +129,16 @@ def test_bad_input_gets_error_replies_and_service_goes_on(sock, three_ns, caplog
             reply = raw_exchange(sock, data)
             assert reply is not None and reply["ok"] is False, code
             assert reply["error"]["code"] == code
-        # Still serving, and the identity comes from SO_PEERCRED, not from the request.
+        # The same errors on one long-lived connection: it stays usable after each of them.
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(5)
+            s.connect(sock)
+            for data, code in cases[:1] + cases[4:]:
+                s.sendall(data)
+                assert protocol.recv_msg(s)["error"]["code"] == code
+            s.sendall(frame({"op": "ping"}))
+            assert protocol.recv_msg(s)["ok"]
+        # Still serving, and the identity comes from the kernel, not from the request.
         pong = Client(sock).request({"op": "ping", "pid": 1, "global_pid": 1})
         assert pong["global_pid"] == os.getpid() and pong["ns"] is None
     text = caplog.text
@@ -131,26 +146,48 @@ def test_bad_input_gets_error_replies_and_service_goes_on(sock, three_ns, caplog
     assert "unknown op" in text and "refused" in text
 
 
-def test_disconnect_mid_request_and_silent_client(sock, three_ns, caplog):
+def test_v1_client_refused_in_its_own_version_with_the_fix(sock, three_ns):
+    with Manager(sock, Echo(), three_ns.namespaces):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(5)
+            s.connect(sock)
+            s.sendall(protocol.encode({"v": 1, "op": "ping"}))
+            reply = read_any_version(s)
+            assert s.recv(1) == b""  # and the connection is closed
+        # A v1 client checks "v" == 1 before it reads the error: it can read this one.
+        assert reply["v"] == 1 and reply["ok"] is False
+        assert reply["error"]["code"] == "version"
+        assert "speaks v2" in reply["error"]["message"]
+        assert "nsexp.client.Client" in reply["error"]["message"]
+        assert Client(sock).ping()["ok"]
+
+
+def test_disconnect_mid_frame_stalled_frame_and_idle_connection(sock, three_ns, caplog):
     caplog.set_level(logging.INFO, "nsexp.manager")
     with Manager(sock, Echo(), three_ns.namespaces, read_timeout=2.0):
         body = protocol.encode({"op": "ping"})
         assert raw_exchange(sock, body[:7], shutdown=True) is None  # half a frame, then EOF
         assert raw_exchange(sock, b"", shutdown=True) is None  # nothing at all, then EOF
-        silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        silent.settimeout(5)
-        silent.connect(sock)
+        idle = Client(sock, timeout=5)
+        assert idle.ping()["ok"]
+        stalled = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        stalled.settimeout(5)
+        stalled.connect(sock)
+        stalled.sendall(body[:6])
         t0 = time.monotonic()
-        # While the silent client holds its connection, others are served at once.
+        # While the stalled client holds its half frame, others are served at once.
         assert Client(sock, timeout=5).ping()["ok"]
         assert time.monotonic() - t0 < 1.5
-        reply = protocol.recv_msg(silent)
-        silent.close()
+        reply = protocol.recv_msg(stalled)
+        assert stalled.recv(1) == b""
+        stalled.close()
         assert reply["error"]["code"] == "timeout"
         assert 1.9 < time.monotonic() - t0 < 6
-        assert Client(sock).ping()["ok"]
+        # An idle connection (no frame started) is not timed out: a worker holds one for life.
+        assert idle.connected and idle.ping()["ok"]
+        idle.close()
     assert "in the middle of a frame" in caplog.text
-    assert "sent no request" in caplog.text
+    assert "not completed within" in caplog.text
 
 
 def test_identity_and_route_policy(sock, three_ns, tmp_path):
@@ -239,7 +276,8 @@ def test_client_killed_mid_migration(sock, three_ns, tmp_path):
 N_CLIENTS = 64
 
 
-def test_64_concurrent_clients_restart(sock, tmp_path):
+@pytest.mark.parametrize("legacy", [False, True], ids=["loop", "legacy_threads"])
+def test_64_concurrent_clients_restart(sock, tmp_path, legacy):
     def client(i: int):
         def run():
             Client(sock).migrate(
@@ -260,7 +298,8 @@ def test_64_concurrent_clients_restart(sock, tmp_path):
         ],
         entries={"land": land},
     )
-    with h, Manager(sock, Restart(), h.namespaces, [("A", "B")]) as manager:
+    manager = Manager(sock, Restart(), h.namespaces, [("A", "B")], legacy_threads=legacy)
+    with h, manager:
         t0 = time.monotonic()
         h.go()
         done = lambda: len(list(tmp_path.glob("land-*.json"))) == N_CLIENTS  # noqa: E731
@@ -309,8 +348,10 @@ def test_manager_killed_then_restarted(sock, tmp_path):
     )
     with h:
         manager_pid = _serve_in_child(sock, Echo(slow={"B": 60}, entered=entered), h.namespaces)
+        held = Client(sock, timeout=5)  # a long-lived connection that outlives its manager
         try:
             assert wait_for(lambda: os.path.exists(sock))
+            assert held.ping()["ok"]
             h.go()
             assert wait_for(lambda: entered.exists() and len(entered.read_text().split()) == 4)
         finally:
@@ -335,8 +376,117 @@ def test_manager_killed_then_restarted(sock, tmp_path):
             assert json.loads((tmp_path / "again.json").read_text())["ok"]
             assert wait_for((tmp_path / "landed.json").exists)
             assert json.loads((tmp_path / "landed.json").read_text())["pid"] == 2
+            # The held connection died with the old manager; the next request reconnects.
+            assert held.ping()["global_pid"] == os.getpid()
+            held.close()
         # The clients that got the error exited; nothing of theirs is left in A.
         assert wait_for(lambda: len(h.live_pids()) == 2)
+
+
+def test_sender_named_per_message_on_one_connection(sock, three_ns, tmp_path):
+    """A connection opened here (global namespace) and inherited by a process forked into A (the
+    host's analogue of a process that moved): each request is answered for its own sender."""
+    ns = three_ns.namespaces
+    out = tmp_path / "child.json"
+    with Manager(sock, Echo(), ns) as manager, socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(5)
+        s.connect(sock)
+        protocol.send_msg(s, {"op": "ping", "pid": 1})
+        first = protocol.recv_msg(s)
+
+        def on_the_same_connection():
+            protocol.send_msg(s, {"op": "ping", "pid": os.getppid(), "global_pid": 1})
+            write_json(out, {**protocol.recv_msg(s), "me": os.getpid()})
+
+        child = in_ns(ns["A"], on_the_same_connection)
+        os.waitpid(child, 0)
+        protocol.send_msg(s, {"op": "ping"})
+        last = protocol.recv_msg(s)
+        peercred = struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        assert manager.accepted == 1
+    got = json.loads(out.read_text())
+    assert first["ns"] is None and first["global_pid"] == os.getpid() == peercred[0]
+    assert got["ns"] == "A" and got["pid"] == got["me"] and got["global_pid"] == child
+    assert last["ns"] is None and last["global_pid"] == os.getpid()
+
+
+def test_one_connection_for_a_process_lifetime_replies_in_order(sock, three_ns, tmp_path):
+    ns = three_ns.namespaces
+    out = tmp_path / "seq.json"
+
+    def worker():
+        c = Client(sock, timeout=10)
+        seen = [c.ping()["ns"], c.migrate("B")["pid"], c.record({"x": 1})["ok"]]
+        seen.append(c.migrate("C")["pid"])
+        # Pipelined: a slow migration between two pings; the replies keep the order.
+        s = c._sock
+        s.sendall(b"".join(protocol.encode(m) for m in PIPELINE))
+        seen.append([protocol.recv_msg(s).get("tag") for _ in PIPELINE])
+        write_json(out, {"seen": seen, "me": os.getpid(), "connected": c.connected})
+
+    PIPELINE = [
+        {"op": "ping", "tag": 1},
+        {"op": "migrate", "target": "B", "tag": 2},
+        {"op": "ping", "tag": 3},
+    ]
+    with Manager(sock, Echo(slow={"B": 0.3}), ns) as manager:
+        os.waitpid(in_ns(ns["A"], worker), 0)
+        got = json.loads(out.read_text())
+        assert manager.accepted == 1 and manager.served == 7
+    assert got["seen"][:4] == ["A", got["me"], True, got["me"]]
+    assert got["connected"]
+
+
+def test_forked_child_opens_its_own_connection(sock, three_ns, tmp_path):
+    with Manager(sock, Echo(), three_ns.namespaces) as manager:
+        c = Client(sock, timeout=5)
+        assert c.ping()["global_pid"] == os.getpid()
+        child = os.fork()
+        if child == 0:
+            code = 0 if not c.connected and c.ping()["global_pid"] == os.getpid() else 1
+            os._exit(code)
+        _, status = os.waitpid(child, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert c.connected and c.ping()["global_pid"] == os.getpid()
+        c.close()
+        assert manager.accepted == 2
+
+
+def test_nothing_left_behind_after_stop(sock, three_ns):
+    def fds():
+        return sorted(os.listdir("/proc/self/fd"))
+
+    before_fds, before_threads = fds(), set(threading.enumerate())
+    manager = Manager(sock, Echo(slow={"B": 0.2}), three_ns.namespaces).start()
+    clients = [Client(sock, timeout=5) for _ in range(5)]
+    for c in clients:
+        c.ping()
+    half = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    half.connect(sock)
+    half.sendall(b"\0\0")
+    manager.stop()
+    for c in clients:
+        with pytest.raises(ManagerUnavailable):
+            c.ping()
+    half.close()
+    assert not os.path.exists(sock)
+    assert wait_for(lambda: set(threading.enumerate()) <= before_threads)
+    assert fds() == before_fds
+
+
+def test_legacy_switch_thread_per_connection(sock, three_ns, tmp_path):
+    """The old path, kept for the benchmark's comparison: a connection per request."""
+    ns = three_ns.namespaces
+    with Manager(sock, Echo(), ns, [("A", "B")], legacy_threads=True) as manager:
+        c = Client(sock, timeout=5, reconnect=True)
+        assert [c.ping()["global_pid"] for _ in range(3)] == [os.getpid()] * 3
+        assert not c.connected and manager.accepted == 3
+        out = tmp_path / "ok.json"
+        pid = in_ns(ns["A"], request_to_file(sock, out, "B", pid=99999))
+        os.waitpid(pid, 0)
+        ok = json.loads(out.read_text())
+        assert ok["ok"] and ok["reply"]["pid"] == ok["pid"]
+        assert raw_exchange(sock, protocol.encode({"op": "dance"}))["error"]["code"] == "unknown_op"
 
 
 def test_concurrent_pings_from_threads(sock, three_ns):
