@@ -14,6 +14,7 @@ experiment's result. Standard library only.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
@@ -21,12 +22,13 @@ import socket
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from nsexp import nsutil, protocol
-from nsexp.backends import Namespace
+from nsexp.backends import Backend, Namespace
+from nsexp.manager import Manager
 
 Program = Callable[[], None]
 Entry = Callable[[dict[str, Any]], None]
@@ -225,25 +227,17 @@ class Hierarchy:
 
     def start(self) -> Hierarchy:
         """Create every namespace and its children; returns once all inits report ready."""
-        own_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         try:
             for plan in self.plans:
-                self._start_one(plan, own_ns)
+                self._start_one(plan)
         except BaseException:
             self.stop()
             raise
-        finally:
-            os.close(own_ns)
         return self
 
-    def _start_one(self, plan: NamespacePlan, own_ns: int) -> None:
+    def _start_one(self, plan: NamespacePlan) -> None:
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        nsutil.unshare(nsutil.CLONE_NEWPID)
-        try:
-            pid = os.fork()
-        finally:
-            if os.getpid() != 1:  # in the parent (the child is PID 1 of the new namespace)
-                nsutil.setns(own_ns, nsutil.CLONE_NEWPID)
+        pid = nsutil.fork_pidns_init()
         if pid == 0:
             for other in self.namespaces.values():
                 if other.control is not None:
@@ -347,6 +341,39 @@ class Hierarchy:
             ns.close()
             if ns.control is not None:
                 ns.control.close()
+
+    @contextlib.contextmanager
+    def serving(
+        self,
+        backend: Backend,
+        socket_path: str,
+        policy: Iterable[tuple[str, str]] | None = None,
+        *,
+        before_go: Callable[[Hierarchy], None] | None = None,
+        **hooks: Any,
+    ) -> Iterator[Hierarchy]:
+        """The stage of a run: build the tree, serve migrations, open the gates; tear down after.
+
+        Starts the tree, calls ``before_go(self)`` (e.g. to populate a namespace), starts a
+        :class:`~nsexp.manager.Manager` on ``socket_path`` for ``backend`` over the tree's
+        namespaces with ``policy`` (allowed (source, target) pairs, None: any) and ``hooks``
+        (its ``on_record``, ``on_failure``), opens the gates and yields. On leaving, however
+        it is left, stops the manager, then the tree.
+        """
+        manager = None
+        try:
+            self.start()
+            if before_go is not None:
+                before_go(self)
+            allowed = None if policy is None else set(policy)
+            manager = Manager(socket_path, backend, self.namespaces, policy=allowed, **hooks)
+            manager.start()
+            self.go()
+            yield self
+        finally:
+            if manager is not None:
+                manager.stop(timeout=2.0)
+            self.stop()
 
     def __enter__(self) -> Hierarchy:
         return self.start()

@@ -39,6 +39,26 @@ def setns(fd: int, nstype: int) -> None:
     _check(_libc.setns(ctypes.c_int(fd), ctypes.c_int(nstype)), "setns")
 
 
+def fork_pidns_init() -> int:
+    """Fork the init (PID 1) of a new PID namespace: 0 in the new init, its pid in the caller.
+
+    unshare(CLONE_NEWPID) changes only the namespace of the caller's next children; the
+    caller's own one is set back right after the fork, because a process whose children's
+    namespace differs from its own cannot create threads (and the manager runs in threads).
+    Works from any caller, an init of another namespace included.
+    """
+    own = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    pid = -1
+    try:
+        unshare(CLONE_NEWPID)
+        pid = os.fork()
+    finally:
+        if pid != 0:  # the caller (fork failed, or succeeded and this is the parent)
+            setns(own, CLONE_NEWPID)
+        os.close(own)
+    return pid
+
+
 def mount(source: str | None, target: str, fstype: str | None, flags: int) -> None:
     """mount(2) without data."""
     enc = lambda v: None if v is None else v.encode()  # noqa: E731

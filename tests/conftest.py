@@ -6,15 +6,17 @@ testbed's message, which names the fix (CI installs everything through `make set
 
 from __future__ import annotations
 
-import pytest
+from typing import Any
 
-from nsexp.testbed import TestbedError, VMTestbed
+import pytest
 
 
 @pytest.fixture(scope="session")
-def vm_testbed() -> VMTestbed:
+def vm_testbed() -> Any:
     """The VM testbed on the default kernel (or $NSEXP_KERNEL), with its prerequisites checked
-    (module loading not required)."""
+    (module loading not required). Imported here: the native tests do not load the testbed."""
+    from nsexp.testbed import TestbedError, VMTestbed
+
     try:
         tb = VMTestbed()
         tb.check(load_module=False)

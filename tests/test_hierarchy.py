@@ -142,3 +142,58 @@ def test_own_proc_gives_each_namespace_its_proc(tmp_path):
         assert json.loads(out.read_text()) == {"self": "3", "pids": [1, 2, 3]}
         assert Path("/proc/self/mountinfo").read_text() == host_mounts
         assert wait_for(lambda: sorted(r["pid"] for r in h.snapshot(0)) == [1, 2])
+
+
+def test_fork_pidns_init_from_an_init_nests_and_restores(tmp_path):
+    """fork_pidns_init works from PID 1 of a namespace too, and leaves the caller's own
+    namespace for children as it was (its next plain fork lands beside it)."""
+    out = tmp_path / "nested.json"
+
+    def outer_init() -> None:
+        inner = nsutil.fork_pidns_init()
+        if inner == 0:
+            write_json(out, {"pid": os.getpid(), "depth": len(nsutil.self_info().nspids)})
+            os._exit(0)
+        os.waitpid(inner, 0)
+        sibling = os.fork()
+        if sibling == 0:
+            os._exit(0)
+        os.waitpid(sibling, 0)
+        write_json(tmp_path / "outer.json", {"inner": inner, "sibling": sibling})
+
+    depth = len(nsutil.self_info().nspids)
+    pid = nsutil.fork_pidns_init()
+    if pid == 0:
+        code = 0
+        try:
+            outer_init()
+        except BaseException:  # noqa: BLE001
+            code = 1
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert nsutil.ns_inode() == nsutil.ns_inode(os.getpid())  # ours, unchanged
+    nested = json.loads(out.read_text())
+    assert nested == {"pid": 1, "depth": depth + 2}
+    outer = json.loads((tmp_path / "outer.json").read_text())
+    assert outer["inner"] == 2 and outer["sibling"] == 3  # both in the outer namespace
+
+
+def test_serving_runs_the_stage_and_tears_it_down(tmp_path):
+    """serving(): tree, manager, open gates, then both stopped however the block is left."""
+    from nsexp.client import Client
+
+    sock = str(tmp_path / "m.sock")
+    seen = tmp_path / "seen.json"
+
+    def program() -> None:
+        write_json(seen, {"ping": Client(sock).ping().get("ok", True)})
+
+    h = Hierarchy([NamespacePlan("A", 1, {0: program}), NamespacePlan("B", 0)])
+    with pytest.raises(RuntimeError, match="inside"), h.serving(Restart(), sock, {("A", "B")}):
+        assert wait_for(seen.exists, 10)
+        inodes = set(h.inodes)
+        assert nsutil.pids_in_namespaces(inodes)
+        raise RuntimeError("inside")
+    assert nsutil.pids_in_namespaces(inodes) == []
+    assert not os.path.exists(sock)

@@ -14,8 +14,8 @@ import nbformat
 import pandas as pd
 import pytest
 
-from nsexp import io as nio
 from nsexp import explorer as ex
+from nsexp import io as nio
 from nsexp import notebooks as nb
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -139,7 +139,7 @@ GUEST_MODULES = [
     "nsexp.backends.restart",
     "nsexp.backends.criu",
     "nsexp.nsutil",
-    "nsexp.worker",
+    "nsexp.experiment.worker",
     "nsexp.experiment",
     "nsexp.benchguest",
 ]

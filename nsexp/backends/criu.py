@@ -20,6 +20,7 @@ import secrets
 import shutil
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,50 @@ def _criu_error(log_path: Path, fallback: str) -> str:
     errors = [ln.strip() for ln in lines if re.search(r"Error|error|Can't|can't", ln)]
     picked = errors[-3:] if errors else lines[-3:]
     return " | ".join(picked) or fallback
+
+
+def run_criu(
+    init_pid: int,
+    args: Sequence[str],
+    images: str | os.PathLike[str],
+    log: str,
+    timeout: float,
+    verbosity: str = "-v4",
+) -> str | None:
+    """Run ``criu ARGS -D images -o log`` inside ``init_pid``'s PID and mount namespaces.
+
+    Returns None on success, else CRIU's own words (the last error lines of its log). Inside
+    the namespaces because CRIU cannot dump a non-init process of a child namespace from
+    outside, and in the process's mount namespace (the hierarchy gives each namespace one with
+    its own /proc for this backend) CRIU reads the right /proc and leaves the mount tree alone.
+    """
+    cmd = ["nsenter", "-t", str(init_pid), "-p", "-m", "criu", *args]
+    cmd += ["-D", str(images), "-o", log, verbosity]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"criu {args[0]} timed out after {timeout:g} s"
+    if proc.returncode == 0:
+        return None
+    fallback = (proc.stderr or proc.stdout).strip()[-500:] or f"exit {proc.returncode}"
+    return f"criu {args[0]}: " + _criu_error(Path(images) / log, fallback)
+
+
+def make_dumpable() -> None:
+    """Make the calling process one CRIU can dump: its own session, nothing open but /dev/null.
+
+    A session leader outside the namespace, an inherited console or pipe, or any other open
+    file would make the dump fail.
+    """
+    try:
+        os.setsid()
+    except OSError:
+        pass  # already a session leader (a restored process)
+    devnull = os.open("/dev/null", os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    os.closerange(3, 65536)
 
 
 class ManagerSide(Backend):
@@ -75,21 +120,11 @@ class ManagerSide(Backend):
         }
 
     def _criu(self, init_pid: int, args: list[str], images: Path, log: str) -> tuple[bool, str]:
-        # Inside the process's PID and mount namespaces (the hierarchy gives each namespace a
-        # mount namespace with its own /proc for this backend): CRIU then reads the right /proc
-        # and, sharing the process's mount namespace, does not try to dump the mount tree.
-        cmd = ["nsenter", "-t", str(init_pid), "-p", "-m", "criu", *args]
-        cmd += ["-D", str(images), "-o", log, "-v4"]
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=self.timeout)
-        except subprocess.TimeoutExpired:
-            return False, f"criu {args[0]} timed out after {self.timeout:g} s"
+            error = run_criu(init_pid, args, images, log, self.timeout)
         finally:
             self._keep_log(images, log)
-        if proc.returncode == 0:
-            return True, ""
-        fallback = (proc.stderr or proc.stdout).strip()[-500:] or f"exit {proc.returncode}"
-        return False, f"criu {args[0]}: " + _criu_error(images / log, fallback)
+        return error is None, error or ""
 
     def after_reply(self, conn, peer, target, request, reply) -> None:  # type: ignore[override]
         assert peer.source is not None
@@ -146,15 +181,7 @@ class WorkerSide(_WorkerSide):
         self.timeout = timeout
 
     def prepare(self) -> None:
-        try:
-            os.setsid()  # a session leader outside the namespace cannot be dumped
-        except OSError:
-            pass  # already a session leader (a restored process)
-        devnull = os.open("/dev/null", os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(devnull, fd)  # an inherited console or pipe cannot be dumped
-        os.close(devnull)
-        os.closerange(3, 65536)
+        make_dumpable()
 
     def request_fields(self, state: dict[str, Any]) -> dict[str, Any]:
         return {"state": state}  # informational: lets the manager record a lost hop's value

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from nsexp.backends import BACKENDS, MigrationError, Peer, get_backend, worker_side
+from nsexp.experiment.worker import Worker, WorkerConfig, blank_record, records_path
 from nsexp.hierarchy import Hierarchy, NamespacePlan
 from nsexp.manager import Manager
 from nsexp.records import (
@@ -39,16 +40,11 @@ from nsexp.records import (
     PROCESSES_FILE,
     RECORDS_FILE,
     RUN_FILE,
+    append_jsonl,
     code_version,
     read_jsonl,
 )
 from nsexp.records import write_csv as _write_csv
-from nsexp.worker import (
-    Worker,
-    WorkerConfig,
-    append_record,
-    blank_record,
-)
 
 TESTBEDS = ("vm", "native")
 SOCKET_DIRS = ("/run/nsexp", "/tmp/nsexp")  # never the 9p share: no sockets there
@@ -354,49 +350,28 @@ def _run_native(
             if col in rec:
                 rec[col] = stamp
         rec["final"] = True
-        append_record(cfg.out_dir, rec)
+        append_jsonl(records_path(cfg), rec)
         events.put(rec)
 
     if timeout is None:
         timeout = 30.0 + (30.0 if backend_name == "criu" else 10.0) * spec.hops
     started = dt.datetime.now(dt.UTC)
     error: str | None = None
-    manager: Manager | None = None
     old_term = _install_sigterm()
     interrupted: BaseException | None = None
     try:
-        hierarchy.start()
-        manager = Manager(
-            socket_path,
+        with hierarchy.serving(
             backend,
-            hierarchy.namespaces,
-            policy=set(zip(spec.route, spec.route[1:], strict=False)),
+            socket_path,
+            policy=zip(spec.route, spec.route[1:], strict=False),
             on_record=on_record,
             on_failure=on_failure,
-        )
-        manager.start()
-        hierarchy.go()
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                error = f"timed out after {timeout:g} s waiting for the worker"
-                break
-            try:
-                rec = events.get(timeout=min(left, 0.5))
-            except queue.Empty:
-                continue
-            if rec.get("final"):
-                if rec.get("status") != "ok":
-                    error = f"hop {rec.get('hop')} failed: {rec.get('error')}"
-                break
+        ):
+            error = _wait_final(events, timeout)
     except (KeyboardInterrupt, _Terminated) as exc:
         error = "interrupted"
         interrupted = exc
     finally:
-        if manager is not None:
-            manager.stop(timeout=2.0)
-        hierarchy.stop()
         signal.signal(signal.SIGTERM, old_term)
     ended = dt.datetime.now(dt.UTC)
     namespaces = {
@@ -417,6 +392,23 @@ def _run_native(
     if interrupted is not None:
         raise KeyboardInterrupt from interrupted
     return result
+
+
+def _wait_final(events: queue.Queue[dict[str, Any]], timeout: float) -> str | None:
+    """Wait for the worker's final record; the run's error (None if every hop happened)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return f"timed out after {timeout:g} s waiting for the worker"
+        try:
+            rec = events.get(timeout=min(left, 0.5))
+        except queue.Empty:
+            continue
+        if rec.get("final"):
+            if rec.get("status") != "ok":
+                return f"hop {rec.get('hop')} failed: {rec.get('error')}"
+            return None
 
 
 def _install_sigterm() -> Any:

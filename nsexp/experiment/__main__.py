@@ -1,0 +1,5 @@
+"""``python -m nsexp.experiment``."""
+
+from nsexp.experiment import main
+
+raise SystemExit(main())
