@@ -10,7 +10,7 @@ FIGS   ?= figures/latest
 KERNEL ?=
 PYTEST_ARGS ?=
 
-.PHONY: help setup test run lab figures kmod vm-shell lint format clean
+.PHONY: help setup test run lab figures kmod debug-kernel vm-shell lint format clean
 
 help:
 	@echo "make run       set up, build the module, boot the VM, run the paper's experiment ($(OUT))"
@@ -19,6 +19,7 @@ help:
 	@echo "make lab       JupyterLab on notebooks/ (http://127.0.0.1:8888)"
 	@echo "make figures   execute the notebooks with papermill: regenerate data/ and figures/"
 	@echo "make kmod      build kmod/nsmigrate.ko for the default kernel"
+	@echo "make debug-kernel  build (or reuse) the cached debug guest kernel (KASAN, lockdep, ...)"
 	@echo "make vm-shell  interactive shell in the VM with the module loaded (KERNEL=<release>)"
 	@echo "make lint      ruff check + ruff format --check"
 	@echo "make clean     remove build products (build/, caches; keeps .venv and data/)"
@@ -26,7 +27,11 @@ help:
 setup:
 	@bash tools/setup.sh
 
-test: setup
+# The debug kernel is built (or found in ~/.cache/nsexp/kernels) as its own step before the
+# tests, never inside a test's timeout; skipped when PYTEST_ARGS deselects the VM/debug tests.
+NEEDS_DEBUG_KERNEL := $(if $(findstring not vm,$(PYTEST_ARGS))$(findstring not debug,$(PYTEST_ARGS)),,debug-kernel)
+
+test: setup $(NEEDS_DEBUG_KERNEL)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 run: setup
@@ -41,6 +46,9 @@ figures: setup
 
 kmod:
 	$(MAKE) -C kmod
+
+debug-kernel: setup
+	$(NSEXP) debug-kernel
 
 vm-shell: setup
 	$(NSEXP) vm-shell $(if $(KERNEL),--kernel $(KERNEL))

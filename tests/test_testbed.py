@@ -18,10 +18,13 @@ from nsexp.testbed import (
     NativeTestbed,
     TestbedError,
     VMTestbed,
+    accel,
     available_kernels,
+    debug_kernel,
     default_kernel,
     get_testbed,
     kernel_log_problems,
+    kernels,
     vm_processes,
 )
 
@@ -43,6 +46,17 @@ BAD_LINES = [
     "[    3.9] general protection fault, probably for non-canonical address 0xdead: 0000 [#1]",
     "[    4.0] Call Trace:",
     "[    4.1] Kernel panic - not syncing: Fatal exception",
+    # the debug kernel's checkers
+    "[    5.0] BUG: KASAN: slab-use-after-free in posix_timer_fn+0x2c/0x80",
+    "[    5.1] BUG: KFENCE: use-after-free read in nsm_move_locked+0x10/0x200",
+    "[    5.2] UBSAN: array-index-out-of-bounds in kmod/nsmigrate.c:120:5",
+    "[    5.3] WARNING: suspicious RCU usage",
+    "[    5.4] BUG: sleeping function called from invalid context at mm/slab.h:1",
+    "[    5.5] unreferenced object 0xffff888004a1c000 (size 64):",
+    "[    5.6] ODEBUG: free active (active state 0) object: ffff8880 object type: hrtimer",
+    "[    5.7] INFO: lockdep is turned off.",
+    "[    5.8] BUG kmalloc-64 (Not tainted): Poison overwritten",
+    "[    5.9] DEBUG_LOCKS_WARN_ON(1)",
 ]
 
 GOOD_LINES = [
@@ -79,7 +93,7 @@ def test_kernel_log_problems_in_a_mixed_log_keeps_order():
 
 def test_version_order_puts_612_after_61():
     rels = ["6.12.117+deb12-amd64", "6.1.0-56-amd64", "6.12.9+deb12-amd64", "6.1.0-9-amd64"]
-    assert sorted(rels, key=tb._version_key) == [
+    assert sorted(rels, key=kernels._version_key) == [
         "6.1.0-9-amd64",
         "6.1.0-56-amd64",
         "6.12.9+deb12-amd64",
@@ -136,6 +150,78 @@ def test_native_refuses_kernel_args(tmp_path):
         NativeTestbed().run_batch(
             ["true"], load_module=False, out_dir=tmp_path, kernel_args=["quiet"]
         )
+
+
+def test_debug_kernel_not_built_names_the_fix(monkeypatch, tmp_path):
+    monkeypatch.setenv("NSEXP_KERNEL_CACHE", str(tmp_path))
+    assert debug_kernel.built() is None
+    with pytest.raises(TestbedError, match=r"make debug-kernel"):
+        VMTestbed("debug")
+
+
+def test_debug_kernel_cache_key_follows_the_fragment(monkeypatch, tmp_path):
+    before = debug_kernel.config_hash()
+    frag = tmp_path / "frag.config"
+    frag.write_text(debug_kernel.FRAGMENT.read_text() + "CONFIG_KCSAN=y\n")
+    monkeypatch.setattr(debug_kernel, "FRAGMENT", frag)
+    debug_kernel.config_hash.cache_clear()
+    try:
+        after = debug_kernel.config_hash()
+    finally:
+        debug_kernel.config_hash.cache_clear()
+    assert len(after) == 12 and after != before
+    monkeypatch.setenv("NSEXP_KERNEL_CACHE", str(tmp_path))
+    assert debug_kernel.cache_dir().parent == tmp_path
+
+
+def test_debug_kernel_config_check_names_lost_options():
+    wanted = debug_kernel._wanted_options()
+    assert wanted["CONFIG_KASAN"] == "y" and wanted["CONFIG_X86_KERNEL_IBT"] == "n"
+    full = "\n".join(f"{k}={v}" for k, v in wanted.items() if v != "n")
+    assert debug_kernel.config_mismatches(full) == []
+    lost = full.replace("CONFIG_PROVE_LOCKING=y", "# CONFIG_PROVE_LOCKING is not set")
+    assert debug_kernel.config_mismatches(lost) == ["CONFIG_PROVE_LOCKING: wanted y, got n"]
+    ibt = full + "\nCONFIG_X86_KERNEL_IBT=y"
+    assert debug_kernel.config_mismatches(ibt) == ["CONFIG_X86_KERNEL_IBT: wanted n, got y"]
+
+
+def test_accel_probes_once_per_machine_and_caches(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("NSEXP_ACCEL", raising=False)
+    monkeypatch.setattr(accel, "KVM_DEVICE", Path("/dev/null"))  # exists, read-write
+    calls = []
+
+    def probe():
+        calls.append(1)
+        return False, "hung"
+
+    assert accel.choose(probe)[0] == "tcg"
+    assert accel.choose(probe)[0] == "tcg"
+    assert len(calls) == 1  # the second answer came from the cache
+    assert "hung" in accel.choose(probe)[1]
+    monkeypatch.setenv("NSEXP_ACCEL", "kvm")
+    assert accel.choose(probe) == ("kvm", "NSEXP_ACCEL")
+    monkeypatch.delenv("NSEXP_ACCEL")
+    accel.forget()
+    assert accel.choose(lambda: (True, "ran"))[0] == "kvm"
+
+
+def test_accel_without_dev_kvm_is_tcg_without_a_probe(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("NSEXP_ACCEL", raising=False)
+    monkeypatch.setattr(accel, "KVM_DEVICE", tmp_path / "kvm")
+
+    def probe():
+        raise AssertionError("no probe boot without /dev/kvm")
+
+    use, why = accel.choose(probe)
+    assert use == "tcg" and "does not exist" in why
+
+
+def test_vng_command_disables_kvm_only_under_tcg():
+    t = VMTestbed()
+    assert "--disable-kvm" in t.vng_command("vng")
+    assert "--disable-kvm" not in t.vng_command("vng", use_kvm=True)
 
 
 def test_get_testbed():
