@@ -437,6 +437,44 @@ def test_one_connection_for_a_process_lifetime_replies_in_order(sock, three_ns, 
     assert got["connected"]
 
 
+def test_quick_backend_runs_on_the_loop_unless_the_requester_is_stopped(sock, three_ns, tmp_path):
+    ns = three_ns.namespaces
+    where = []
+
+    class Where(Echo):
+        def migrate(self, peer, target, request):
+            where.append(threading.current_thread().name)
+            return super().migrate(peer, target, request)
+
+    gate = threading.Event()
+    sent_r, sent_w = os.pipe()
+
+    def stopped_requester():
+        c = Client(sock, timeout=20)
+        c.connect()
+        frames = [{"op": "record", "record": {}}, {"op": "migrate", "target": "B"}]
+        c._sock.sendall(b"".join(protocol.encode(m) for m in frames))
+        os.write(sent_w, b"x")
+        write_json(tmp_path / "stopped.json", [protocol.recv_msg(c._sock) for _ in frames])
+
+    hold = lambda peer, record: gate.wait(20)  # noqa: E731 - keeps the connection busy
+    with Manager(sock, Where(), ns, inline_migrate=True, on_record=hold):
+        os.waitpid(in_ns(ns["A"], request_to_file(sock, tmp_path / "running.json", "B")), 0)
+        assert json.loads((tmp_path / "running.json").read_text())["ok"]
+        child = in_ns(ns["A"], stopped_requester)
+        os.read(sent_r, 1)
+        os.kill(child, signal.SIGSTOP)
+        assert wait_for(lambda: nsutil.proc_info(child).state == "T")
+        gate.set()  # the record is answered; the migration behind it finds its sender stopped
+        assert wait_for(lambda: len(where) == 2)
+        os.kill(child, signal.SIGCONT)
+        os.waitpid(child, 0)
+    os.close(sent_r)
+    os.close(sent_w)
+    assert where == ["nsexp-manager", "nsexp-manager-job"]
+    assert [r["ok"] for r in json.loads((tmp_path / "stopped.json").read_text())] == [True] * 2
+
+
 def test_forked_child_opens_its_own_connection(sock, three_ns, tmp_path):
     with Manager(sock, Echo(), three_ns.namespaces) as manager:
         c = Client(sock, timeout=5)

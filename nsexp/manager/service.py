@@ -1,43 +1,27 @@
-"""The migration manager: a Unix-socket service in the global PID namespace.
+"""The migration manager's service: one event loop over long-lived client connections.
 
-One thread runs an event loop (selectors) over every client connection; a connection lives as
-long as its process wants (a worker keeps one across all its hops). The caller of each request
-is the sender the kernel names for that message: the listening socket has SO_PASSCRED, so every
-message arrives with SCM_CREDENTIALS holding the sender's current pid, translated into the
-manager's (global) namespace; a pid written in a request is never used. Pings are answered on
-the loop; migrations and hop records go to a pool of threads that grows on demand (a slow
-migration - a restart or CRIU hop, a kmod target that is slow to reach its safe point - never
-stalls the loop or another client), and a connection with a request in flight is not read
-until it is answered, so replies keep the order of requests. Targets are resolved by name
-through a registry of open namespace fds, and a policy of allowed (source, target) pairs is
-checked before the backend is called. Bad input gets an error reply and is logged; serving goes
-on. The protocol (frames, credentials, ops, errors) is described in docs/manager.md.
-
-``legacy_threads=True`` runs the previous design instead - a thread per connection, one request
-per connection, the caller taken from SO_PEERCRED - as a baseline for the benchmark only.
-Standard library only: it runs inside the VM guest.
+Runs in the global PID namespace (on the host, or inside the VM guest); standard library only.
+Overview, protocol and error codes: the package docstring (nsexp.manager) and docs/manager.md.
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import grp
 import logging
 import os
-import queue
 import selectors
-import signal
 import socket
 import stat
 import threading
 import time
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 
 from nsexp import nsutil, protocol
-from nsexp.backends import Backend, MigrationError, Namespace, Peer, get_backend
-from nsexp.client import DEFAULT_SOCKET
+from nsexp.backends import Backend, MigrationError, Namespace, Peer
+from nsexp.manager.pool import Pool
 from nsexp.protocol import Credentials, ProtocolError
 
 log = logging.getLogger("nsexp.manager")
@@ -46,50 +30,13 @@ RecordHook = Callable[[Peer, dict[str, Any]], None]
 FailureHook = Callable[[Peer, dict[str, Any], MigrationError], None]
 _umask_lock = threading.Lock()
 _RECV_SIZE = protocol.MAX_FRAME + protocol.HEADER.size
-_SEND_TIMEOUT = 5.0
-
-
-class _Pool:
-    """Daemon threads that run jobs; a new thread starts whenever none is idle (up to ``size``)."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._jobs: queue.SimpleQueue[tuple[Callable[..., None], tuple[Any, ...]] | None]
-        self._jobs = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._idle = 0  # threads waiting for a job and not yet promised one
-        self._threads: set[threading.Thread] = set()
-
-    def submit(self, fn: Callable[..., None], *args: Any) -> None:
-        with self._lock:
-            if self._idle:
-                self._idle -= 1
-            elif len(self._threads) < self.size:
-                t = threading.Thread(target=self._work, name="nsexp-manager-job", daemon=True)
-                self._threads.add(t)
-                t.start()
-        self._jobs.put((fn, args))
-
-    def _work(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                break
-            fn, args = job
-            fn(*args)
-            with self._lock:
-                self._idle += 1
-        with self._lock:
-            self._threads.discard(threading.current_thread())
-
-    def shutdown(self, deadline: float) -> None:
-        """Let the threads finish their jobs and exit; wait for them until ``deadline``."""
-        with self._lock:
-            threads = list(self._threads)
-        for _ in threads:
-            self._jobs.put(None)
-        for t in threads:
-            t.join(max(0.0, deadline - time.monotonic()))
+SEND_TIMEOUT = 5.0
+# Backends whose migrate() only waits for the requester itself, which is blocked reading this
+# very reply: kmod's ioctl returns once the requester reaches its safe point, about a context
+# switch, so it runs on the loop (a hand-off to a pool thread would cost as much again).
+_QUICK_BACKENDS = frozenset({"kmod"})
+# A requester in these states cannot reach a safe point soon: its migration goes to the pool.
+_NOT_RUNNABLE = frozenset("TtDZX")
 
 
 class _Conn:
@@ -116,8 +63,10 @@ class Manager:
     tree there before the worker is answered); ``on_failure`` hears of failed migrations whose
     requester cannot be told any more (it died, or the restart successor could not be forked).
     ``read_timeout``: a frame must be complete this long after its first byte arrived.
-    ``workers``: most requests served at once (migrations and records). ``legacy_threads``:
-    the old thread-per-connection path, for the benchmark's comparison only.
+    ``workers``: most requests served at once off the loop (migrations and records).
+    ``inline_migrate``: call the backend on the loop (default: for kmod only) unless the
+    requester is stopped. ``legacy_threads``: the old thread-per-connection path, for the
+    benchmark's comparison only.
     """
 
     def __init__(
@@ -132,6 +81,7 @@ class Manager:
         read_timeout: float = 10.0,
         max_clients: int = 256,
         workers: int = 64,
+        inline_migrate: bool | None = None,
         legacy_threads: bool = False,
         on_record: RecordHook | None = None,
         on_failure: FailureHook | None = None,
@@ -145,9 +95,11 @@ class Manager:
         self.read_timeout = read_timeout
         self.max_clients = max_clients
         self.legacy_threads = legacy_threads
+        quick = backend.name in _QUICK_BACKENDS
+        self.inline_migrate = quick if inline_migrate is None else inline_migrate
         self.on_record = on_record
         self.on_failure = on_failure
-        self._pool = _Pool(workers)
+        self._pool = Pool(workers)
         self._sock: socket.socket | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -220,7 +172,9 @@ class Manager:
         if self._sock is None:
             self.bind()
         if self.legacy_threads:
-            self._serve_legacy()
+            from nsexp.manager.legacy import serve_legacy
+
+            serve_legacy(self)
         else:
             self._serve_loop()
 
@@ -381,8 +335,12 @@ class Manager:
                 self._bad_frame(conn, creds, item)
                 continue
             self.served += 1
-            if item.get("op") == "ping":
+            op = item.get("op")
+            if op == "ping":
                 self._queue(conn, self._ping_on_loop(conn, creds))
+                continue
+            if op == "migrate" and self.inline_migrate and _runnable(creds):
+                self._migrate_on_loop(conn, creds, item, received)
                 continue
             if conn.out and not self._flush(conn):
                 conn.pending.appendleft((creds, item, received))  # after the earlier replies
@@ -443,7 +401,7 @@ class Manager:
         try:
             peer = self._identify(conn, creds)
             keep = self._handle(conn.sock, peer, req, received)
-        except _Unidentified as exc:
+        except Unidentified as exc:
             log.warning("cannot identify the sender: %s", exc)
             self._try_send(conn.sock, protocol.error_reply("unknown_peer", str(exc)))
         except Exception:  # noqa: BLE001 - a bug in one request must not stop the service
@@ -461,10 +419,26 @@ class Manager:
                 except OSError:
                     pass  # the pipe is full: the loop wakes up anyway
 
+    def _migrate_on_loop(
+        self, conn: _Conn, creds: Credentials | None, req: dict[str, Any], received: int
+    ) -> None:
+        try:
+            peer = self._identify(conn, creds)
+        except Unidentified as exc:
+            self._queue(conn, protocol.error_reply("unknown_peer", str(exc)))
+            return
+
+        def send(reply: dict[str, Any]) -> bool:
+            self._queue(conn, reply)
+            return not conn.closing  # _flush marks a connection whose peer is gone
+
+        if not self._migrate(send, conn.sock, peer, req, received):
+            conn.closing = True
+
     def _ping_on_loop(self, conn: _Conn, creds: Credentials | None) -> dict[str, Any]:
         try:
             return self._ping(self._identify(conn, creds))
-        except _Unidentified as exc:
+        except Unidentified as exc:
             return protocol.error_reply("unknown_peer", str(exc))
 
     # -- who is asking -----------------------------------------------------------------------
@@ -472,7 +446,7 @@ class Manager:
     def _identify(self, conn: _Conn, creds: Credentials | None) -> Peer:
         """The sender of one message, from its kernel credentials."""
         if creds is None or creds.pid <= 0:
-            raise _Unidentified("the message carried no sender credentials")
+            raise Unidentified("the message carried no sender credentials")
         known = conn.known  # one connection, one pid: the same process (it is alive: it sent)
         if known is None or known[0] != creds.pid:
             known = self._locate(creds.pid)
@@ -483,7 +457,7 @@ class Manager:
         try:
             info = nsutil.proc_info(pid)
         except OSError as exc:
-            raise _Unidentified(f"pid {pid} is gone: {exc.strerror}") from None
+            raise Unidentified(f"pid {pid} is gone: {exc.strerror}") from None
         source = next((ns for ns in self.registry.values() if ns.inode == info.ns_inode), None)
         return pid, source, info.pid
 
@@ -492,7 +466,7 @@ class Manager:
     @staticmethod
     def _try_send(conn: socket.socket, msg: dict[str, Any]) -> bool:
         try:
-            conn.settimeout(_SEND_TIMEOUT)
+            conn.settimeout(SEND_TIMEOUT)
             conn.sendall(protocol.encode(msg), socket.MSG_NOSIGNAL)
             return True
         except OSError as exc:
@@ -505,7 +479,7 @@ class Manager:
         if op == "ping":
             return self._try_send(conn, self._ping(peer))
         if op == "migrate":
-            return self._migrate(conn, peer, req, received)
+            return self._migrate(partial(self._try_send, conn), conn, peer, req, received)
         if op == "record":
             return self._record(conn, peer, req)
         log.warning("pid %d: unknown op %r", peer.pid, op)
@@ -546,11 +520,19 @@ class Manager:
             )
         return target
 
-    def _migrate(self, conn: socket.socket, peer: Peer, req: dict[str, Any], received: int) -> bool:
+    def _migrate(
+        self,
+        send: Callable[[dict[str, Any]], bool],
+        conn: socket.socket,
+        peer: Peer,
+        req: dict[str, Any],
+        received: int,
+    ) -> bool:
+        """Check, migrate, answer through ``send``; True if the connection stays usable."""
         checked = self._check_route(peer, req.get("target"))
         if isinstance(checked, dict):
             log.warning("pid %d: refused: %s", peer.pid, checked["error"]["message"])
-            return self._try_send(conn, checked)
+            return send(checked)
         target = checked
         log.info(
             "pid %d (%s pid %d) -> %s",
@@ -565,7 +547,7 @@ class Manager:
             log.warning("pid %d -> %s failed: %s", peer.pid, target.name, exc)
             reply = protocol.error_reply(exc.code, exc.message, errno=exc.errno)
             reply["error"]["timings"] = {"manager_received": received, **exc.timings}
-            delivered = not exc.client_gone and self._try_send(conn, reply)
+            delivered = not exc.client_gone and send(reply)
             if not delivered:
                 self._failed(peer, req, exc)
             return delivered
@@ -576,7 +558,7 @@ class Manager:
         if handover:
             reply["close"] = True
         timings["reply_sent"] = time.monotonic_ns()
-        if not self._try_send(conn, reply):
+        if not send(reply):
             self._failed(
                 peer, req, MigrationError("client_gone", "requester vanished before the reply")
             )
@@ -595,160 +577,19 @@ class Manager:
             except Exception:  # noqa: BLE001
                 log.exception("on_failure hook failed")
 
-    # -- the baseline: a thread per connection, one request per connection ----------------
 
-    def _serve_legacy(self) -> None:
-        assert self._sock is not None
-        self._sock.settimeout(0.2)  # the accept loop wakes up to notice stop()
-        slots = threading.BoundedSemaphore(self.max_clients)
-        threads: set[threading.Thread] = set()
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._sock.accept()
-            except TimeoutError:
-                continue
-            except OSError as exc:
-                if self._stop.is_set():
-                    break
-                log.warning("accept failed: %s", exc)
-                time.sleep(0.05)
-                continue
-            if not slots.acquire(blocking=False):
-                log.warning("too many clients: refusing a connection")
-                self._try_send(conn, protocol.error_reply("busy", "too many clients, retry"))
-                conn.close()
-                continue
-            self.accepted += 1
-            t = threading.Thread(target=self._legacy_conn, args=(conn, slots, threads))
-            t.daemon = True
-            with self._lock:
-                threads.add(t)
-            t.start()
-        with self._lock:
-            left = list(threads)
-        for t in left:
-            t.join(_SEND_TIMEOUT)
-
-    def _legacy_conn(self, conn: socket.socket, slots: threading.Semaphore, threads: set) -> None:
-        try:
-            conn.settimeout(self.read_timeout)
-            pid, uid, gid = protocol.UCRED.unpack(
-                conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, protocol.UCRED.size)
-            )
-            try:
-                req = protocol.recv_msg(conn)
-            except TimeoutError:
-                self._try_send(conn, protocol.error_reply("timeout", "no request received in time"))
-                return
-            except ProtocolError as exc:
-                log.warning("pid %d: bad frame (%s): %s", pid, exc.code, exc.message)
-                if not isinstance(exc, protocol.ConnectionClosed):
-                    self._try_send(conn, protocol.error_reply(exc.code, exc.message))
-                return
-            with self._lock:
-                self.served += 1
-            try:
-                _, source, pid_in_ns = self._locate(pid)
-            except _Unidentified as exc:
-                log.warning("cannot identify the peer: %s", exc)
-                return
-            self._handle(conn, Peer(pid, uid, gid, source, pid_in_ns), req, time.monotonic_ns())
-        except Exception:  # noqa: BLE001 - a bug in one request must not stop the service
-            log.exception("internal error while serving a client")
-        finally:
-            conn.close()
-            slots.release()
-            with self._lock:
-                threads.discard(threading.current_thread())
-
-
-class _Unidentified(Exception):
-    """The sender of a message cannot be told (no credentials, or it is gone)."""
-
-
-# -- command line ----------------------------------------------------------------------------
-
-
-def _parse_ns(value: str) -> tuple[str, int]:
-    name, sep, pid = value.partition("=")
-    if not sep or not name or not pid.isdigit():
-        raise argparse.ArgumentTypeError(f"expected NAME=INIT_PID, got {value!r}")
-    return name, int(pid)
-
-
-def _parse_pair(value: str) -> tuple[str, str]:
-    src, sep, dst = value.partition(":")
-    if not sep or not src or not dst:
-        raise argparse.ArgumentTypeError(f"expected SRC:DST, got {value!r}")
-    return src, dst
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--socket", default=DEFAULT_SOCKET, help="socket path (default %(default)s)")
-    p.add_argument("--backend", default="kmod", choices=["kmod", "criu"])
-    p.add_argument(
-        "--ns",
-        action="append",
-        type=_parse_ns,
-        default=[],
-        metavar="NAME=INIT_PID",
-        help="register a namespace by the global pid of its init (repeatable)",
-    )
-    p.add_argument(
-        "--allow",
-        action="append",
-        type=_parse_pair,
-        metavar="SRC:DST",
-        help="allowed route (repeatable); default: any pair of registered namespaces",
-    )
-    p.add_argument("--group", help="group allowed to connect (socket mode 0660)")
-    p.add_argument(
-        "--read-timeout", type=float, default=10.0, help="seconds to finish a started frame"
-    )
-    p.add_argument("-v", "--verbose", action="store_true")
-
-
-def cmd_manager(args: argparse.Namespace) -> int:
-    """``nsexp manager``: serve in the foreground until SIGINT/SIGTERM."""
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
-    backend = get_backend(args.backend)
-    backend.check()
-    registry = {name: Namespace.open(name, pid) for name, pid in args.ns}
-    manager = Manager(
-        args.socket,
-        backend,
-        registry,
-        args.allow,
-        group=args.group,
-        read_timeout=args.read_timeout,
-    )
-    signal.signal(signal.SIGTERM, lambda *_: manager.request_stop())
+def _runnable(creds: Credentials | None) -> bool:
+    """False if the sender is stopped, traced, in uninterruptible sleep or gone."""
+    if creds is None:
+        return True  # refused on the loop all the same: it cannot be identified
     try:
-        manager.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        manager.stop()
-        for ns in registry.values():
-            ns.close()
-    return 0
+        with open(f"/proc/{creds.pid}/stat", "rb") as f:
+            stat_line = f.read()
+    except OSError:
+        return True  # gone: refused on the loop as well
+    state = stat_line[stat_line.rindex(b")") + 2 : stat_line.rindex(b")") + 3].decode()
+    return state not in _NOT_RUNNABLE
 
 
-def register_cli(subparsers: Any) -> None:
-    """Add ``nsexp manager`` to the CLI."""
-    p = subparsers.add_parser("manager", help="run the migration manager in the foreground")
-    add_arguments(p)
-    p.set_defaults(func=cmd_manager)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="nsexp-manager", description=__doc__)
-    add_arguments(parser)
-    return cmd_manager(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+class Unidentified(Exception):
+    """The sender of a message cannot be told (no credentials, or it is gone)."""
