@@ -40,6 +40,10 @@ BASE_PKGS=(
     python3 # the guest side runs the distribution's python3 (standard library only)
 )
 
+# Building the debug guest kernel (`make debug-kernel`, run by `make test`) from linux-source-6.12:
+# kconfig needs flex/bison, objtool libelf-dev, the build bc, libssl-dev, cpio (BTF is off: no pahole).
+DEBUG_KERNEL_PKGS=(flex bison libelf-dev bc libssl-dev cpio xz-utils)
+
 OS_CODENAME=""
 if [[ -r /etc/os-release ]]; then
     OS_CODENAME=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
@@ -120,7 +124,7 @@ has_backports_source() {
 
 system_setup() {
     local missing=()
-    mapfile -t missing < <(missing_of "${BASE_PKGS[@]}")
+    mapfile -t missing < <(missing_of "${BASE_PKGS[@]}" "${DEBUG_KERNEL_PKGS[@]}")
 
     # The venv needs ensurepip: pyenv/python.org builds have it; Debian's python3 needs python3-venv.
     if command -v "$PYTHON" >/dev/null 2>&1 && ! "$PYTHON" -c 'import ensurepip' 2>/dev/null; then
