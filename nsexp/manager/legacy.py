@@ -77,7 +77,7 @@ def _serve_connection(
         with manager._lock:
             manager.served += 1
         try:
-            _, source, pid_in_ns = manager._locate(pid)
+            _, source, pid_in_ns, _ = manager._locate(pid)
         except Unidentified as exc:
             log.warning("cannot identify the peer: %s", exc)
             return

@@ -31,10 +31,12 @@ FailureHook = Callable[[Peer, dict[str, Any], MigrationError], None]
 _umask_lock = threading.Lock()
 _RECV_SIZE = protocol.MAX_FRAME + protocol.HEADER.size
 SEND_TIMEOUT = 5.0
-# Backends whose migrate() only waits for the requester itself, which is blocked reading this
-# very reply: kmod's ioctl returns once the requester reaches its safe point, about a context
-# switch, so it runs on the loop (a hand-off to a pool thread would cost as much again).
-_QUICK_BACKENDS = frozenset({"kmod"})
+# Backends whose migrate() returns at once, so it runs on the loop (a hand-off to a pool thread
+# costs as much as a whole round trip): kmod's ioctl only waits for the requester to reach its
+# safe point, and the requester is blocked reading this very reply; restart and CRIU only check
+# the request there. Their slow part (after_reply: wait for the exit, fork, dump, restore) runs
+# in the pool.
+_QUICK_BACKENDS = frozenset({"kmod", "restart", "criu"})
 # A requester in these states cannot reach a safe point soon: its migration goes to the pool.
 _NOT_RUNNABLE = frozenset("TtDZX")
 
@@ -51,7 +53,7 @@ class _Conn:
         self.busy = False  # a request of this connection is being served by a pool thread
         self.closing = False  # close once ``out`` is flushed
         self.partial_since: float | None = None  # a frame started, not finished
-        self.known: tuple[int, Namespace | None, int] | None = None  # (pid, source, pid in ns)
+        self.known: tuple[int, Namespace | None, int, str] | None = None  # Manager._locate
 
 
 class Manager:
@@ -64,9 +66,9 @@ class Manager:
     requester cannot be told any more (it died, or the restart successor could not be forked).
     ``read_timeout``: a frame must be complete this long after its first byte arrived.
     ``workers``: most requests served at once off the loop (migrations and records).
-    ``inline_migrate``: call the backend on the loop (default: for kmod only) unless the
-    requester is stopped. ``legacy_threads``: the old thread-per-connection path, for the
-    benchmark's comparison only.
+    ``inline_migrate``: call the backend's migrate() on the loop unless the requester is
+    stopped (default: for the project's backends, whose migrate() is quick).
+    ``legacy_threads``: the old thread-per-connection path, for the benchmark's comparison only.
     """
 
     def __init__(
@@ -339,8 +341,14 @@ class Manager:
             if op == "ping":
                 self._queue(conn, self._ping_on_loop(conn, creds))
                 continue
-            if op == "migrate" and self.inline_migrate and _runnable(creds):
-                self._migrate_on_loop(conn, creds, item, received)
+            if op == "record" and self.on_record is None:
+                self._queue(conn, self._record_reply(item))
+                continue
+            if (
+                op == "migrate"
+                and self.inline_migrate
+                and self._migrate_on_loop(conn, creds, item, received)
+            ):
                 continue
             if conn.out and not self._flush(conn):
                 conn.pending.appendleft((creds, item, received))  # after the earlier replies
@@ -421,19 +429,50 @@ class Manager:
 
     def _migrate_on_loop(
         self, conn: _Conn, creds: Credentials | None, req: dict[str, Any], received: int
-    ) -> None:
+    ) -> bool:
+        """Serve a migration on the loop; False if its requester cannot reach a safe point
+        soon (stopped, traced, in uninterruptible sleep): then it is the pool's."""
         try:
-            peer = self._identify(conn, creds)
+            peer = self._identify(conn, creds, fresh=True)
         except Unidentified as exc:
             self._queue(conn, protocol.error_reply("unknown_peer", str(exc)))
-            return
+            return True
+        if conn.known is not None and conn.known[3] in _NOT_RUNNABLE:
+            return False
 
         def send(reply: dict[str, Any]) -> bool:
             self._queue(conn, reply)
             return not conn.closing  # _flush marks a connection whose peer is gone
 
-        if not self._migrate(send, conn.sock, peer, req, received):
+        def defer(after_reply: Callable[[], None]) -> None:
+            conn.busy = True  # the pool thread owns the socket until it is done
+            self._watch(conn)
+            conn.sock.setblocking(True)
+            self._pool.submit(self._after_reply_off_loop, conn, after_reply)
+
+        if not self._migrate(send, conn.sock, peer, req, received, defer):
             conn.closing = True
+        return True
+
+    def _after_reply_off_loop(self, conn: _Conn, after_reply: Callable[[], None]) -> None:
+        try:
+            if conn.out:  # the reply must be out before the work that waits for the client
+                conn.sock.settimeout(SEND_TIMEOUT)
+                conn.sock.sendall(conn.out, socket.MSG_NOSIGNAL)
+                conn.out.clear()
+            after_reply()
+        except Exception:  # noqa: BLE001 - a bug in one request must not stop the service
+            log.exception("internal error after a reply")
+        finally:
+            conn.out.clear()
+            self._done.append((conn, False))
+            self._wake(b"d")
+
+    @staticmethod
+    def _record_reply(req: dict[str, Any]) -> dict[str, Any]:
+        if not isinstance(req.get("record"), dict):
+            return protocol.error_reply("bad_request", "'record' must be an object")
+        return {"ok": True}
 
     def _ping_on_loop(self, conn: _Conn, creds: Credentials | None) -> dict[str, Any]:
         try:
@@ -443,23 +482,24 @@ class Manager:
 
     # -- who is asking -----------------------------------------------------------------------
 
-    def _identify(self, conn: _Conn, creds: Credentials | None) -> Peer:
-        """The sender of one message, from its kernel credentials."""
+    def _identify(self, conn: _Conn, creds: Credentials | None, fresh: bool = False) -> Peer:
+        """The sender of one message, from its kernel credentials (``fresh``: its state now)."""
         if creds is None or creds.pid <= 0:
             raise Unidentified("the message carried no sender credentials")
         known = conn.known  # one connection, one pid: the same process (it is alive: it sent)
-        if known is None or known[0] != creds.pid:
+        if fresh or known is None or known[0] != creds.pid:
             known = self._locate(creds.pid)
             conn.known = known
         return Peer(creds.pid, creds.uid, creds.gid, known[1], known[2])
 
-    def _locate(self, pid: int) -> tuple[int, Namespace | None, int]:
+    def _locate(self, pid: int) -> tuple[int, Namespace | None, int, str]:
+        """(pid, its registered namespace or None, its pid there, its state letter)."""
         try:
             info = nsutil.proc_info(pid)
         except OSError as exc:
             raise Unidentified(f"pid {pid} is gone: {exc.strerror}") from None
         source = next((ns for ns in self.registry.values() if ns.inode == info.ns_inode), None)
-        return pid, source, info.pid
+        return pid, source, info.pid, info.state
 
     # -- one request (a pool thread, or a legacy connection thread) ---------------------------
 
@@ -496,13 +536,10 @@ class Manager:
         }
 
     def _record(self, conn: socket.socket, peer: Peer, req: dict[str, Any]) -> bool:
-        record = req.get("record")
-        if not isinstance(record, dict):
-            reply = protocol.error_reply("bad_request", "'record' must be an object")
-            return self._try_send(conn, reply)
-        if self.on_record is not None:
-            self.on_record(peer, record)
-        return self._try_send(conn, {"ok": True})
+        reply = self._record_reply(req)
+        if reply["ok"] and self.on_record is not None:
+            self.on_record(peer, req["record"])
+        return self._try_send(conn, reply)
 
     def _check_route(self, peer: Peer, target_name: Any) -> Namespace | dict[str, Any]:
         if not isinstance(target_name, str) or target_name not in self.registry:
@@ -527,8 +564,12 @@ class Manager:
         peer: Peer,
         req: dict[str, Any],
         received: int,
+        defer: Callable[[Callable[[], None]], None] | None = None,
     ) -> bool:
-        """Check, migrate, answer through ``send``; True if the connection stays usable."""
+        """Check, migrate, answer through ``send``; True if the connection stays usable.
+
+        ``defer``: where a handed-over process's after_reply work goes (else it runs here).
+        """
         checked = self._check_route(peer, req.get("target"))
         if isinstance(checked, dict):
             log.warning("pid %d: refused: %s", peer.pid, checked["error"]["message"])
@@ -563,11 +604,18 @@ class Manager:
                 peer, req, MigrationError("client_gone", "requester vanished before the reply")
             )
             return False
-        try:
-            self.backend.after_reply(conn, peer, target, req, reply)
-        except MigrationError as exc:
-            log.warning("pid %d -> %s failed after the reply: %s", peer.pid, target.name, exc)
-            self._failed(peer, req, exc)
+
+        def after_reply() -> None:
+            try:
+                self.backend.after_reply(conn, peer, target, req, reply)
+            except MigrationError as exc:
+                log.warning("pid %d -> %s failed after the reply: %s", peer.pid, target.name, exc)
+                self._failed(peer, req, exc)
+
+        if handover and defer is not None:
+            defer(after_reply)
+            return True  # the pool thread ends the connection when it is done
+        after_reply()
         return not handover
 
     def _failed(self, peer: Peer, req: dict[str, Any], exc: MigrationError) -> None:
@@ -576,19 +624,6 @@ class Manager:
                 self.on_failure(peer, req, exc)
             except Exception:  # noqa: BLE001
                 log.exception("on_failure hook failed")
-
-
-def _runnable(creds: Credentials | None) -> bool:
-    """False if the sender is stopped, traced, in uninterruptible sleep or gone."""
-    if creds is None:
-        return True  # refused on the loop all the same: it cannot be identified
-    try:
-        with open(f"/proc/{creds.pid}/stat", "rb") as f:
-            stat_line = f.read()
-    except OSError:
-        return True  # gone: refused on the loop as well
-    state = stat_line[stat_line.rindex(b")") + 2 : stat_line.rindex(b")") + 3].decode()
-    return state not in _NOT_RUNNABLE
 
 
 class Unidentified(Exception):
