@@ -18,11 +18,12 @@ import weakref
 from typing import Any
 
 from nsexp import protocol
+from nsexp.errors import NsexpError
 
 DEFAULT_SOCKET = "/run/nsexp/manager.sock"
 
 
-class ManagerError(Exception):
+class ManagerError(NsexpError):
     """The manager refused or failed a request; ``code`` and ``errno`` come from its reply."""
 
     def __init__(self, code: str, message: str, errno: int | None = None) -> None:

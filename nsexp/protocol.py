@@ -15,6 +15,8 @@ import socket
 import struct
 from typing import Any, NamedTuple
 
+from nsexp.errors import NsexpError
+
 VERSION = 2
 MAX_FRAME = 64 * 1024
 HEADER = struct.Struct(">I")
@@ -30,7 +32,7 @@ class Credentials(NamedTuple):
     gid: int
 
 
-class ProtocolError(Exception):
+class ProtocolError(NsexpError):
     """A frame that cannot be accepted; ``code`` is a stable machine-readable reason.
 
     ``fatal``: the byte stream cannot be trusted past this frame (the connection must end).

@@ -14,14 +14,16 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from nsexp.errors import NsexpError
+
 BACKENDS = ("kmod", "restart", "criu")
 
 
-class BackendUnavailable(RuntimeError):
+class BackendUnavailable(NsexpError, RuntimeError):
     """The backend cannot run on this machine (no module, no CRIU, ...)."""
 
 
-class MigrationError(Exception):
+class MigrationError(NsexpError):
     """A migration that did not happen. ``client_gone``: the requester no longer exists."""
 
     def __init__(

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nsexp.errors import NsexpError
 from nsexp.testbed.kernel_log import kernel_log_problems
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
@@ -30,7 +31,7 @@ META_DIR = "testbed"
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-class TestbedError(RuntimeError):
+class TestbedError(NsexpError, RuntimeError):
     """A testbed could not do what was asked; the message names the fix.
 
     ``result`` carries what was collected before the failure, when there is any (for example the
