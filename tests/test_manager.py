@@ -219,6 +219,7 @@ def test_socket_mode_group_and_stale_socket(tmp_path, three_ns):
     with Manager(path, Echo(), three_ns.namespaces):
         st = os.stat(path)
         assert oct(st.st_mode & 0o777) == oct(0o600)
+        assert os.listdir(os.path.dirname(path)) == ["m.sock"]  # staged, listening, renamed
         with pytest.raises(FileExistsError, match="already listens"):
             Manager(path, Echo(), three_ns.namespaces).bind()
     assert not os.path.exists(path)

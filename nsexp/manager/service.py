@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import grp
+import itertools
 import logging
 import os
 import selectors
@@ -29,6 +30,7 @@ log = logging.getLogger("nsexp.manager")
 RecordHook = Callable[[Peer, dict[str, Any]], None]
 FailureHook = Callable[[Peer, dict[str, Any], MigrationError], None]
 _umask_lock = threading.Lock()
+_staging_ids = itertools.count()
 _RECV_SIZE = protocol.MAX_FRAME + protocol.HEADER.size
 SEND_TIMEOUT = 5.0
 # Backends whose migrate() returns at once, so it runs on the loop (a hand-off to a pool thread
@@ -122,18 +124,28 @@ class Manager:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         # Accepted connections inherit it: the kernel attaches the sender to every message.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        # The umask makes the socket private from the moment it exists; chmod then widens it.
-        with _umask_lock:
-            old = os.umask(0o177)
-            try:
-                sock.bind(self.socket_path)
-            finally:
-                os.umask(old)
-        if self.group is not None:
-            gid = self.group if isinstance(self.group, int) else grp.getgrnam(self.group).gr_gid
-            os.chown(self.socket_path, -1, gid)
-        os.chmod(self.socket_path, self.mode)
-        sock.listen(128)
+        # Bound under a temporary name and renamed once it listens: a client that finds the
+        # socket can connect. The umask makes it private from the moment it exists.
+        staging = os.path.join(directory, f".nsexp-{os.getpid()}-{next(_staging_ids)}.sock")
+        try:
+            with _umask_lock:
+                old = os.umask(0o177)
+                try:
+                    sock.bind(staging)
+                finally:
+                    os.umask(old)
+            if self.group is not None:
+                group = self.group
+                gid = group if isinstance(group, int) else grp.getgrnam(group).gr_gid
+                os.chown(staging, -1, gid)
+            os.chmod(staging, self.mode)
+            sock.listen(128)
+            os.rename(staging, self.socket_path)
+        except BaseException:
+            sock.close()
+            if os.path.lexists(staging):
+                os.unlink(staging)
+            raise
         self._sock = sock
         log.info(
             "listening on %s (backend %s%s)",
