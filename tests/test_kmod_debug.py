@@ -1,0 +1,216 @@
+"""The module on the debug kernel: KASAN, lockdep, kmemleak, UBSAN, KFENCE, fault injection.
+
+One boot of the debug kernel (``make debug-kernel``; the Makefile's ``test`` target builds or
+reuses it before pytest starts, and the fixture below builds it if pytest is run alone) runs,
+in order: the module's whole VM suite (tests/vm/kmod_checks, counts scaled down), the
+fault-injection paths (tests/vm/fault_injection.py), the concurrent ioctl fuzzer
+(tests/vm/ioctl_fuzz.py), then two kmemleak scans. The suite's own assertions are those of
+tests/test_kmod_vm.py, collected here against this boot; on top, any report of a checker in
+the kernel log fails.
+
+Run it alone: ``make test PYTEST_ARGS='-m debug'``.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+
+import pytest
+import test_kmod_vm as stock
+
+from nsexp import testbed
+from nsexp.testbed import debug_kernel
+
+pytestmark = [pytest.mark.vm, pytest.mark.debug, pytest.mark.slow, pytest.mark.timeout(5400)]
+
+#: counts for the module's suite on the debug kernel (KASAN and lockdep under TCG are slow)
+BACK_AND_FORTH = int(os.environ.get("NSEXP_DEBUG_BACK_AND_FORTH", "300"))
+FUZZ = int(os.environ.get("NSEXP_DEBUG_FUZZ", "3000"))
+#: calls of the concurrent ioctl fuzzer (see README, "The debug kernel", for the rate)
+IOCTL_FUZZ = int(os.environ.get("NSEXP_DEBUG_IOCTL_FUZZ", "100000"))
+
+KMEMLEAK = "/sys/kernel/debug/kmemleak"
+#: before the checks: forget what boot itself left unreferenced (not the module's doing)
+KMEMLEAK_CLEAR = (
+    f"echo scan > {KMEMLEAK} && cat {KMEMLEAK} > $NSEXP_OUT/kmemleak-boot.txt && "
+    f"echo clear > {KMEMLEAK}"
+)
+#: after the checks: two scans (an object must look unreferenced twice), then the report
+KMEMLEAK_SCAN = (
+    f"echo scan > {KMEMLEAK} && sleep 5 && echo scan > {KMEMLEAK} && "
+    f"cat {KMEMLEAK} > $NSEXP_OUT/kmemleak.txt"
+)
+
+COMMANDS = [
+    KMEMLEAK_CLEAR,
+    'python3 tests/vm/kmod_checks "$NSEXP_OUT"',
+    'python3 tests/vm/fault_injection.py "$NSEXP_OUT"',
+    'python3 tests/vm/ioctl_fuzz.py "$NSEXP_OUT"',
+    KMEMLEAK_SCAN,
+]
+
+
+@pytest.fixture(scope="module")
+def debug_boot() -> dict:
+    """Build or reuse the debug kernel, boot it once, run every guest program."""
+    try:
+        debug_kernel.ensure()
+        tb = testbed.VMTestbed(kernel=testbed.DEBUG_KERNEL_NAME)
+    except testbed.TestbedError as e:
+        pytest.fail(f"debug kernel unavailable: {e}", pytrace=False)
+    batch = tb.run_batch(
+        COMMANDS,
+        env={
+            "NSM_BACK_AND_FORTH": str(BACK_AND_FORTH),
+            "NSM_FUZZ": str(FUZZ),
+            "NSM_CONCURRENT_EACH": "50",
+            "NSM_HTTP_HOPS": "5",
+            "NSM_CAT_BYTES": str(1 << 20),
+            "NSM_IOCTL_FUZZ": str(IOCTL_FUZZ),
+        },
+        timeout=4800,
+        command_timeout=3000,
+    )
+    out = batch.out_dir
+
+    def load(name: str) -> dict:
+        path = out / name
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    return {
+        "batch": batch,
+        "obs": load("kmod_checks.json"),
+        "faults": load("fault_injection.json"),
+        "fuzz": load("ioctl_fuzz.json"),
+        "kmemleak": (out / "kmemleak.txt").read_text() if (out / "kmemleak.txt").exists() else None,
+    }
+
+
+@pytest.fixture(scope="module")
+def guest(debug_boot: dict) -> dict:
+    """The module's suite on the debug kernel, shaped as tests/test_kmod_vm.py expects."""
+    assert debug_boot["obs"], (
+        "the guest wrote no kmod_checks.json: " + (debug_boot["batch"].results[1].stderr[-3000:])
+    )
+    return {"batch": debug_boot["batch"], "obs": debug_boot["obs"]}
+
+
+# The stock suite's assertions, collected in this module, run against the debug boot (its
+# ``guest`` fixture above). The three that compare with the stock counts are redone below.
+_COUNTED = {"test_ten_thousand_migrations_back_and_forth", "test_fuzz", "test_counters"}
+for _name, _fn in vars(stock).items():
+    if _name.startswith("test_") and callable(_fn) and _name not in _COUNTED:
+        globals()[_name] = _fn
+
+
+def test_back_and_forth(guest: dict) -> None:
+    d = stock.data(guest, "stress_back_and_forth")
+    assert d["n"] == BACK_AND_FORTH and d["errors"] == 0
+    assert d["state"]["starttime"] == d["start"] and d["state"]["gpid"] == d["gpid"]
+
+
+def test_random_fuzz(guest: dict) -> None:
+    d = stock.data(guest, "fuzz")
+    assert d["n"] == FUZZ and sum(d["counts"].values()) == FUZZ
+
+
+def test_counters_on_debug(guest: dict) -> None:
+    before, after = guest["obs"]["stats_before"], guest["obs"]["stats_after"]
+    assert after["in_flight"] == 0
+    assert after["migrations"] - before["migrations"] >= BACK_AND_FORTH
+
+
+# ---------------------------------------------------------------------------------------------
+# the debug kernel's own checks
+# ---------------------------------------------------------------------------------------------
+
+
+def test_booted_the_debug_kernel_with_its_checkers(debug_boot: dict) -> None:
+    batch = debug_boot["batch"]
+    assert batch.kernel_release == debug_kernel.built().release
+    assert batch.kernel_release.endswith("-nsmdbg")
+    dmesg = batch.dmesg
+    # the checkers are really on in this boot (else "no reports" would mean nothing)
+    assert "KernelAddressSanitizer initialized" in dmesg
+    assert "Lock dependency validator" in dmesg
+    assert "kmemleak: Kernel memory leak detector initialized" in dmesg
+    assert debug_boot["kmemleak"] is not None, "the kmemleak scan did not run"
+
+
+def test_every_command_ran(debug_boot: dict) -> None:
+    for r in debug_boot["batch"].results:
+        assert r.ok, (r.command, r.returncode, r.timed_out, r.stderr[-3000:])
+
+
+def test_no_checker_reports(debug_boot: dict) -> None:
+    """BUG, WARNING, lockdep, KASAN, UBSAN, KFENCE, refcount, list corruption: none."""
+    assert debug_boot["batch"].kernel_log_problems() == []
+
+
+def test_kmemleak_reports_nothing(debug_boot: dict) -> None:
+    assert debug_boot["kmemleak"] == "", debug_boot["kmemleak"][:4000]
+
+
+def test_module_unloads_on_debug(debug_boot: dict) -> None:
+    assert debug_boot["batch"].module_unloaded is True
+
+
+# --- fault injection --------------------------------------------------------------------------
+
+#: allocation-failure paths every migration has (fault_injection.paths marks the others)
+REQUIRED_PATHS = ("work", "nsproxy", "pid")
+
+
+def _faults(debug_boot: dict) -> dict:
+    f = debug_boot["faults"]
+    assert f, "fault_injection.py wrote nothing"
+    assert f["ok"], f.get("traceback")
+    return f
+
+
+def test_every_allocation_failure_path_is_taken(debug_boot: dict) -> None:
+    paths = _faults(debug_boot)["paths"]
+    for name in REQUIRED_PATHS:
+        hits = [a for a in paths[name]["attempts"] if a["injected"] > 0]
+        assert hits, (name, paths[name])
+        assert all(a["errno"] == errno.ENOMEM for a in hits), (name, hits)
+
+
+def test_failed_allocation_leaves_the_process_as_it_was(debug_boot: dict) -> None:
+    for name, rec in _faults(debug_boot)["paths"].items():
+        for a in rec["attempts"]:
+            if a["errno"] != 0:
+                assert a["unchanged"], (name, a["changed"])
+                assert a["counters_delta"]["migrations"] == 0, (name, a)
+                assert a["counters_delta"]["refused_other"] == 1, (name, a)
+                assert a["counters_delta"]["in_flight"] == 0, (name, a)
+
+
+def test_process_moves_after_the_failures(debug_boot: dict) -> None:
+    c = _faults(debug_boot)["clean_migration"]
+    assert c["errno"] == 0 and c["counter_after"] == c["counter_before"] == 7
+    assert c["pid_after"] > 1
+
+
+def test_fault_injection_leaks_no_slab_objects(debug_boot: dict) -> None:
+    f = _faults(debug_boot)
+    for cache, start in f["slab_start"].items():
+        assert f["slab_end"].get(cache, 0) - start <= 2, (cache, f["slab_start"], f["slab_end"])
+
+
+# --- concurrent ioctl fuzzer ------------------------------------------------------------------
+
+
+def test_ioctl_fuzz_under_churn(debug_boot: dict) -> None:
+    z = debug_boot["fuzz"]
+    assert z, "ioctl_fuzz.py wrote nothing"
+    assert z["worker_status"] == [0] * z["workers"], z
+    assert z["calls"] == IOCTL_FUZZ, z
+    for w in z["workers_results"]:
+        assert w["unexpected"] == [], w["unexpected"]
+        assert w["bad_replies"] == 0
+    # the requests reached the migration itself, not only the argument checks
+    assert sum(w["successes"] for w in z["workers_results"]) > 0
+    assert z["stats_after"]["in_flight"] == 0
