@@ -476,6 +476,20 @@ def test_quick_backend_runs_on_the_loop_unless_the_requester_is_stopped(sock, th
     assert [r["ok"] for r in json.loads((tmp_path / "stopped.json").read_text())] == [True] * 2
 
 
+@pytest.mark.parametrize("inline", [True, False], ids=["on_loop", "in_pool"])
+def test_a_bug_in_the_backend_is_an_internal_error_not_an_outage(sock, three_ns, tmp_path, inline):
+    class Boom(Echo):
+        def migrate(self, peer, target, request):
+            raise RuntimeError("bug")
+
+    ns = three_ns.namespaces
+    with Manager(sock, Boom(), ns, inline_migrate=inline):
+        out = tmp_path / "boom.json"
+        os.waitpid(in_ns(ns["A"], request_to_file(sock, out, "B")), 0)
+        assert json.loads(out.read_text())["code"] == "internal"
+        assert Client(sock, timeout=5).ping()["ok"]
+
+
 def test_forked_child_opens_its_own_connection(sock, three_ns, tmp_path):
     with Manager(sock, Echo(), three_ns.namespaces) as manager:
         c = Client(sock, timeout=5)

@@ -349,30 +349,45 @@ class Manager:
                 self._bad_frame(conn, creds, item)
                 continue
             self.served += 1
-            op = item.get("op")
-            if op == "ping":
-                self._queue(conn, self._ping_on_loop(conn, creds))
-                continue
-            if op == "record" and self.on_record is None:
-                self._queue(conn, self._record_reply(item))
-                continue
-            if (
-                op == "migrate"
-                and self.inline_migrate
-                and self._migrate_on_loop(conn, creds, item, received)
-            ):
-                continue
-            if conn.out and not self._flush(conn):
-                conn.pending.appendleft((creds, item, received))  # after the earlier replies
-                break
-            conn.busy = True
-            self._watch(conn)
-            conn.sock.setblocking(True)
-            self._pool.submit(self._serve_off_loop, conn, creds, item, received)
+            try:
+                if self._serve_on_loop(conn, creds, item, received):
+                    continue
+                if conn.out and not self._flush(conn):
+                    conn.pending.appendleft((creds, item, received))  # after earlier replies
+                    break
+                self._hand_to_pool(conn, self._serve_off_loop, conn, creds, item, received)
+            except Exception:  # noqa: BLE001 - a bug in one request must not stop the service
+                log.exception("internal error while serving a client")
+                conn.busy = False
+                conn.sock.setblocking(False)
+                self._queue(conn, protocol.error_reply("internal", "internal manager error"))
+                conn.closing = True
         if conn.closing and not conn.out and not conn.busy:
             self._close(conn)
         elif conn.sock.fileno() >= 0:
             self._watch(conn)
+
+    def _hand_to_pool(self, conn: _Conn, job: Callable[..., None], *args: Any) -> None:
+        """Run ``job`` in the pool; ``conn`` is the job's (blocking, not watched) until done."""
+        conn.busy = True
+        self._watch(conn)
+        conn.sock.setblocking(True)
+        self._pool.submit(job, *args)
+
+    def _serve_on_loop(
+        self, conn: _Conn, creds: Credentials | None, req: dict[str, Any], received: int
+    ) -> bool:
+        """Serve ``req`` here if it is quick; False if it is the pool's."""
+        op = req.get("op")
+        if op == "ping":
+            self._queue(conn, self._ping_on_loop(conn, creds))
+            return True
+        if op == "record" and self.on_record is None:
+            self._queue(conn, self._record_reply(req))
+            return True
+        if op == "migrate" and self.inline_migrate:
+            return self._migrate_on_loop(conn, creds, req, received)
+        return False
 
     def _bad_frame(self, conn: _Conn, creds: Credentials | None, exc: ProtocolError) -> None:
         pid = creds.pid if creds else "?"
@@ -457,10 +472,7 @@ class Manager:
             return not conn.closing  # _flush marks a connection whose peer is gone
 
         def defer(after_reply: Callable[[], None]) -> None:
-            conn.busy = True  # the pool thread owns the socket until it is done
-            self._watch(conn)
-            conn.sock.setblocking(True)
-            self._pool.submit(self._after_reply_off_loop, conn, after_reply)
+            self._hand_to_pool(conn, self._after_reply_off_loop, conn, after_reply)
 
         if not self._migrate(send, conn.sock, peer, req, received, defer):
             conn.closing = True
