@@ -11,68 +11,15 @@
  *   fork_wait          fork() of a child that _exit()s at once, and waitpid()
  *   getpid             syscall(SYS_getpid)
  */
-#define _GNU_SOURCE
-#include <errno.h>
-#include <fcntl.h>
-#include <sched.h>
-#include <signal.h>
-#include <stdio.h>
-#include <stdlib.h>
+#include "nsbench.h"
+
 #include <string.h>
-#include <sys/ioctl.h>
 #include <sys/syscall.h>
-#include <sys/wait.h>
-#include <time.h>
-#include <unistd.h>
 
-#include "../../kmod/nsmigrate.h"
-
-static unsigned long long now_ns(void)
+/* A namespace init that reaps its children (the subject, once migrated in) forever. */
+static void ns_init(int unused)
 {
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return ts.tv_sec * 1000000000ULL + ts.tv_nsec;
-}
-
-static void die(const char *what)
-{
-	perror(what);
-	exit(1);
-}
-
-/* A new PID namespace whose init reaps children forever; returns its global PID. */
-static pid_t new_namespace(void)
-{
-	int self = open("/proc/self/ns/pid", O_RDONLY);
-	pid_t init;
-
-	if (self < 0 || unshare(CLONE_NEWPID))
-		die("unshare");
-	init = fork();
-	if (init < 0)
-		die("fork");
-	if (init == 0) {
-		for (;;)
-			if (wait(NULL) < 0)
-				pause();
-	}
-	if (setns(self, CLONE_NEWPID))
-		die("setns");
-	close(self);
-	return init;
-}
-
-static int ns_fd(pid_t init)
-{
-	char path[64];
-	int fd;
-
-	snprintf(path, sizeof(path), "/proc/%d/ns/pid", init);
-	fd = open(path, O_RDONLY);
-	if (fd < 0)
-		die(path);
-	return fd;
+	reap_forever();
 }
 
 int main(int argc, char **argv)
@@ -85,8 +32,8 @@ int main(int argc, char **argv)
 	dev = open(NSMIGRATE_DEVICE, O_RDWR);
 	if (dev < 0)
 		die(NSMIGRATE_DEVICE);
-	a = new_namespace();
-	b = new_namespace();
+	a = spawn_ns(ns_init, 0);
+	b = spawn_ns(ns_init, 0);
 	fds[0] = ns_fd(a);
 	fds[1] = ns_fd(b);
 
@@ -104,21 +51,13 @@ int main(int argc, char **argv)
 	}
 
 	for (i = -warmup; i < n; i++) {
-		struct nsmigrate_req req = {
-			.size = sizeof(req),
-			.version = NSMIGRATE_ABI_VERSION,
-			.pid = subject,
-			.target_fd = fds[(i + warmup) % 2 ? 0 : 1],
-		};
-		unsigned long long t0 = now_ns(), t1;
+		struct nsmigrate_req req;
+		unsigned long long rtt = migrate(dev, subject, fds[(i + warmup) % 2 ? 0 : 1], &req);
 
-		if (ioctl(dev, NSMIGRATE_IOC_MIGRATE, &req))
-			die("NSMIGRATE_IOC_MIGRATE");
-		t1 = now_ns();
 		subject = req.new_pid;
 		if (i < 0)
 			continue;
-		printf("ioctl_round_trip,%d,%llu\n", i, t1 - t0);
+		printf("ioctl_round_trip,%d,%llu\n", i, rtt);
 		printf("kernel_switch,%d,%llu\n", i,
 		       (unsigned long long)(req.t_switch_done_ns - req.t_switch_start_ns));
 		printf("kernel_queue_to_done,%d,%llu\n", i,

@@ -13,37 +13,12 @@
  *   kernel_switch      t_switch_done_ns - t_switch_start_ns, reported by the module
  * Python under TCG is too noisy to see a few microseconds per level; this is not.
  */
-#define _GNU_SOURCE
-#include <fcntl.h>
-#include <sched.h>
-#include <signal.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/ioctl.h>
-#include <sys/prctl.h>
-#include <sys/wait.h>
-#include <time.h>
-#include <unistd.h>
+#include "nsbench.h"
 
-#include "../../kmod/nsmigrate.h"
+#include <string.h>
 
 static int info_w, gate_r;
 static int depth;
-
-static unsigned long long now_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return ts.tv_sec * 1000000000ULL + ts.tv_nsec;
-}
-
-static void die(const char *what)
-{
-	perror(what);
-	exit(1);
-}
 
 /* The caller's pid in the global namespace (this /proc is the global one). */
 static long global_pid(void)
@@ -64,37 +39,6 @@ static void report(const char *tag)
 
 	if (write(info_w, line, n) != n)
 		die("write info");
-}
-
-/* What a namespace init does here: reap children (and those migrated in), forever. */
-static void reap_forever(void)
-{
-	for (;;)
-		if (wait(NULL) < 0)
-			usleep(50000);
-}
-
-/* A new PID namespace whose init (forked here) runs fn(level); returns its pid as seen here. */
-static pid_t spawn_ns(void (*fn)(int), int level)
-{
-	int self = open("/proc/self/ns/pid", O_RDONLY | O_CLOEXEC);
-	pid_t pid;
-
-	if (self < 0 || unshare(CLONE_NEWPID))
-		die("unshare");
-	pid = fork();
-	if (pid < 0)
-		die("fork");
-	if (pid == 0) {
-		close(self);
-		prctl(PR_SET_PDEATHSIG, SIGKILL);
-		fn(level);
-		_exit(0);
-	}
-	if (setns(self, CLONE_NEWPID))
-		die("setns");
-	close(self);
-	return pid;
 }
 
 static void ns_a(int level)
@@ -126,18 +70,6 @@ static void chain(int level)
 		spawn_ns(chain, level + 1);
 	}
 	reap_forever();
-}
-
-static int ns_fd(long pid)
-{
-	char path[64];
-	int fd;
-
-	snprintf(path, sizeof(path), "/proc/%ld/ns/pid", pid);
-	fd = open(path, O_RDONLY | O_CLOEXEC);
-	if (fd < 0)
-		die(path);
-	return fd;
 }
 
 static void one_depth(int dev, int n, int warmup)
@@ -179,21 +111,13 @@ static void one_depth(int dev, int n, int warmup)
 	fds[0] = ns_fd(a);
 	fds[1] = ns_fd(b);
 	for (i = -warmup; i < n; i++) {
-		struct nsmigrate_req req = {
-			.size = sizeof(req),
-			.version = NSMIGRATE_ABI_VERSION,
-			.pid = s,
-			.target_fd = fds[(i + warmup) % 2 ? 0 : 1],
-		};
-		unsigned long long t0 = now_ns(), t1;
+		struct nsmigrate_req req;
+		unsigned long long rtt = migrate(dev, s, fds[(i + warmup) % 2 ? 0 : 1], &req);
 
-		if (ioctl(dev, NSMIGRATE_IOC_MIGRATE, &req))
-			die("NSMIGRATE_IOC_MIGRATE");
-		t1 = now_ns();
 		s = req.new_pid;
 		if (i < 0)
 			continue;
-		printf("%d,%d,ioctl_round_trip,%llu\n", depth, i, t1 - t0);
+		printf("%d,%d,ioctl_round_trip,%llu\n", depth, i, rtt);
 		printf("%d,%d,kernel_switch,%llu\n", depth, i,
 		       (unsigned long long)(req.t_switch_done_ns - req.t_switch_start_ns));
 	}
