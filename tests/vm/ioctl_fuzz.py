@@ -52,21 +52,22 @@ VICTIMS_PER_WORKER = 4
 
 
 def victim_main(rng: random.Random) -> None:
-    """A sacrificial process: sleeps, or churns threads and children, and exits on its own."""
+    """A sacrificial process: sleeps, or now and then starts a thread or a child, and exits on
+    its own after a while (the pauses leave the CPUs to the callers)."""
     mode = rng.choice(["sleep", "sleep", "fork", "thread"])
-    end = time.monotonic() + rng.uniform(0.05, 3.0)
+    end = time.monotonic() + rng.uniform(0.5, 6.0)
     while time.monotonic() < end:
         if mode == "fork":
             pid = os.fork()
             if pid == 0:
+                time.sleep(rng.uniform(0, 0.02))
                 os._exit(0)
             os.waitpid(pid, 0)
         elif mode == "thread":
-            t = threading.Thread(target=time.sleep, args=(0.001,))
+            t = threading.Thread(target=time.sleep, args=(rng.uniform(0, 0.02),))
             t.start()
             t.join()
-        else:
-            time.sleep(0.01)
+        time.sleep(rng.uniform(0.005, 0.05))
 
 
 def pid_of(pidfd: int) -> int:
@@ -110,14 +111,9 @@ class Worker:
         self.victims.append(os.pidfd_open(pid))
 
     def reap(self) -> None:
-        """Forget exited victims (their pidfds stay valid until closed) and reap children."""
-        while True:
-            try:
-                pid, _ = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                break
-            if pid == 0:
-                break
+        """Forget exited victims (their pidfds stay valid until closed), reap children, and
+        start new victims up to :data:`VICTIMS_PER_WORKER`."""
+        self.reap_children()
         alive = []
         for fd in self.victims:
             if pid_of(fd) > 0 and len(alive) < VICTIMS_PER_WORKER * 2:
@@ -127,6 +123,16 @@ class Worker:
         self.victims = alive
         while len(self.victims) < VICTIMS_PER_WORKER:
             self.new_victim()
+
+    @staticmethod
+    def reap_children() -> None:
+        while True:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
 
     def request(self) -> tuple[int, bytearray | int]:
         rng = self.rng
@@ -198,7 +204,7 @@ class Worker:
         self.reap()
         t0 = time.monotonic()
         for i in range(n):
-            if i % 50 == 0:
+            if i % 100 == 0:
                 self.reap()
             if i % 2000 == 1999:
                 self.kill_namespace()
@@ -214,7 +220,7 @@ class Worker:
                 pass
         for ns in self.namespaces:
             ns.kill()
-        self.reap()
+        self.reap_children()
         result = {
             "calls": n,
             "seconds": seconds,
