@@ -23,6 +23,7 @@ import importlib.util
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -264,6 +265,11 @@ def _make(src: Path, build: Path, jobs: int) -> int:
     return count
 
 
+def _children_cpu_seconds() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
 def _mmss(seconds: float) -> str:
     return f"{int(seconds) // 60}m{int(seconds) % 60:02d}s"
 
@@ -284,6 +290,9 @@ def ensure(*, jobs: int | None = None) -> DebugKernel:
             return found
         jobs = jobs or os.cpu_count() or 1
         t0 = time.monotonic()
+        cpu0 = _children_cpu_seconds()
+        # an interrupted build goes on where it stopped: say so in the record
+        resumed = (d / "build" / ".config").exists()
         _log(f"building into {d} with {jobs} jobs (cold: about an hour on 2 cores)")
         src = _source_tree()
         _configure(src, d / "build")
@@ -297,6 +306,8 @@ def ensure(*, jobs: int | None = None) -> DebugKernel:
             "config_hash": config_hash(),
             "base_config": BASE_CONFIG,
             "build_seconds": round(seconds, 1),
+            "cpu_seconds": round(_children_cpu_seconds() - cpu0, 1),
+            "resumed": resumed,
             "objects": objects,
             "jobs": jobs,
             "cpus": os.cpu_count(),
