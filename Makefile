@@ -10,17 +10,18 @@ FIGS   ?= figures/latest
 KERNEL ?=
 PYTEST_ARGS ?=
 
-.PHONY: help setup test run lab figures kmod debug-kernel vm-shell lint format clean
+.PHONY: help setup test run lab figures kmod debug-kernel vm-shell lint format clean lock
 
 help:
 	@echo "make run       set up, build the module, boot the VM, run the paper's experiment ($(OUT))"
 	@echo "make test      set up, then run the whole test suite (PYTEST_ARGS=\"-m 'not vm'\")"
-	@echo "make setup     install what is missing (apt packages, .venv with all extras); idempotent"
+	@echo "make setup     install what is missing (apt packages, .venv from the lock); idempotent"
 	@echo "make lab       JupyterLab on notebooks/ (http://127.0.0.1:8888)"
 	@echo "make figures   execute the notebooks with papermill: regenerate data/ and figures/"
 	@echo "make kmod      build kmod/nsmigrate.ko for the default kernel"
 	@echo "make debug-kernel  build (or reuse) the cached debug guest kernel (KASAN, lockdep, ...)"
 	@echo "make vm-shell  interactive shell in the VM with the module loaded (KERNEL=<release>)"
+	@echo "make lock      re-resolve the Python dependencies into requirements/lock.txt (hashes)"
 	@echo "make lint      ruff check + ruff format --check"
 	@echo "make clean     remove build products (build/, caches; keeps .venv and data/)"
 
@@ -52,6 +53,11 @@ debug-kernel: setup
 
 vm-shell: setup
 	$(NSEXP) vm-shell $(if $(KERNEL),--kernel $(KERNEL))
+
+# Python dependencies: pyproject.toml -> requirements/lock.txt (exact versions + sha256), which
+# setup installs with --require-hashes. Run after changing a dependency; commit the lock.
+lock:
+	@bash tools/lock.sh
 
 lint: setup
 	$(VENV)/bin/ruff check .

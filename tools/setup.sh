@@ -4,7 +4,8 @@
 # Idempotent: installs only what is missing and a second run takes seconds.
 #   1. system packages (apt): QEMU, Debian kernels with their headers (bookworm's 6.1 and the
 #      newest 6.12 from bookworm-backports/-security), kernel sources, the module toolchain, CRIU;
-#   2. .venv with the project installed editable with all its extras (pip install -e '.[all]').
+#   2. .venv with the locked Python dependencies (requirements/lock.txt, hash-checked; refresh it
+#      with `make lock`), then the project itself, editable, with --no-deps.
 # Non-interactive (CI=true, no stdin). Needs root and apt-get only when something is missing:
 # otherwise it stops and names exactly what is missing and how to get it.
 #
@@ -18,6 +19,7 @@ cd "$ROOT"
 VENV=${NSEXP_VENV:-$ROOT/.venv}
 STAMP=$VENV/.nsexp-setup-stamp
 PYTHON=${PYTHON:-python3}
+LOCK=requirements/lock.txt
 
 log() { echo "setup: $*" >&2; }
 die() {
@@ -39,6 +41,12 @@ BASE_PKGS=(
     gcc make # kbuild for the module
     python3 # the guest side runs the distribution's python3 (standard library only)
 )
+
+# What the tests and the provenance need besides: git (a run records the commit it ran), perl
+# (the kernel's checkpatch.pl), dkms (the DKMS test installs the module in the guest), chromium
+# (the explorer's browser test drives Debian's build: browsers are never downloaded), musl-tools
+# (a test builds a static musl program).
+TEST_PKGS=(git perl dkms chromium musl-tools)
 
 # Building the debug guest kernel (`make debug-kernel`, run by `make test`) from linux-source-6.12:
 # kconfig needs flex/bison, objtool libelf-dev, the build bc, libssl-dev, cpio (BTF is off: no pahole).
@@ -124,7 +132,7 @@ has_backports_source() {
 
 system_setup() {
     local missing=()
-    mapfile -t missing < <(missing_of "${BASE_PKGS[@]}" "${DEBUG_KERNEL_PKGS[@]}")
+    mapfile -t missing < <(missing_of "${BASE_PKGS[@]}" "${TEST_PKGS[@]}" "${DEBUG_KERNEL_PKGS[@]}")
 
     # The venv needs ensurepip: pyenv/python.org builds have it; Debian's python3 needs python3-venv.
     if command -v "$PYTHON" >/dev/null 2>&1 && ! "$PYTHON" -c 'import ensurepip' 2>/dev/null; then
@@ -191,7 +199,7 @@ venv_setup() {
 
     local pyver key
     pyver=$("$PYTHON" -c 'import sys; print(sys.version.split()[0], sys.base_prefix)')
-    key=$(cat pyproject.toml tools/setup.sh | sha256sum | cut -d' ' -f1)
+    key=$(cat pyproject.toml "$LOCK" tools/setup.sh | sha256sum | cut -d' ' -f1)
     key="$key $pyver"
 
     if [[ -x $VENV/bin/python && -x $VENV/bin/nsexp && -f $STAMP && "$(cat "$STAMP")" == "$key" ]]; then
@@ -205,13 +213,24 @@ venv_setup() {
         "$PYTHON" -m venv "$VENV" ||
             die "could not create the venv with $PYTHON -m venv (Debian: apt-get install python3-venv)"
     fi
-    log "pip install -e '.[all]' into $VENV (first run takes a few minutes)"
-    local piplog=$VENV/pip-install.log
-    if ! "$VENV/bin/python" -m pip install --disable-pip-version-check --progress-bar off \
-        -e ".[all]" </dev/null >"$piplog" 2>&1; then
+    # Exactly the versions and files of the lock (every extra), nothing resolved here; then the
+    # project alone, built with the locked setuptools.
+    log "pip install --require-hashes -r $LOCK into $VENV (first run takes a few minutes)"
+    local piplog=$VENV/pip-install.log pip=("$VENV/bin/python" -m pip)
+    if ! "${pip[@]}" install --disable-pip-version-check --progress-bar off --require-hashes \
+        --no-deps -r "$LOCK" </dev/null >"$piplog" 2>&1; then
         tail -n 40 "$piplog" >&2
-        die "pip install -e '.[all]' failed (full log: $piplog)"
+        die "pip install -r $LOCK failed (full log: $piplog; a changed pyproject.toml needs \`make lock\`)"
     fi
+    if ! "${pip[@]}" install --disable-pip-version-check --no-deps --no-build-isolation \
+        -e . </dev/null >>"$piplog" 2>&1; then
+        tail -n 40 "$piplog" >&2
+        die "pip install --no-deps -e . failed (full log: $piplog)"
+    fi
+    "${pip[@]}" check >>"$piplog" 2>&1 || {
+        tail -n 20 "$piplog" >&2
+        die "$LOCK is incomplete or inconsistent (pip check failed): refresh it with \`make lock\`"
+    }
     grep -E '^Successfully installed' "$piplog" | cut -c1-300 >&2 || true
     echo "$key" >"$STAMP"
     log "venv: ready"
