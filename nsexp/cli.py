@@ -25,6 +25,8 @@ COMMAND_MODULES = [
     "nsexp.experiment",  # run
     "nsexp.notebooks",  # figures
     "nsexp.bench",  # bench
+    "nsexp.migrate",  # migrate
+    "nsexp.request",  # request
 ]
 
 #: Commands that the tree is expected to provide, and the module expected to provide each:

@@ -1,0 +1,194 @@
+"""``nsexp migrate`` and ``nsexp request``: help, usage errors and refusals on this host, and the
+real thing in the VM (one boot shared with the DKMS test: tests/user_vm.py).
+
+The VM half: the guest script tests/vm/user_checks.py moves processes through the commands and
+records what it saw; the assertions are made here.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nsexp import uapi
+from nsexp.backends import Namespace, get_backend
+from nsexp.manager import Manager
+
+ROOT = Path(__file__).resolve().parent.parent
+NO_DEVICE = pytest.mark.skipif(
+    os.path.exists(uapi.DEVICE), reason=f"{uapi.DEVICE} exists here: the no-device case"
+)
+
+
+def nsexp(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "nsexp", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+        **kwargs,
+    )
+
+
+def dead_pid() -> int:
+    """A PID that no process has (one that just exited and was reaped)."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+# -- nsexp migrate, natively ---------------------------------------------------------------
+
+
+def test_migrate_help_reads_like_a_unix_tools_help():
+    proc = nsexp("migrate", "--help")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert out.startswith(
+        "usage: nsexp migrate [options] PID (--into NSFILE | --pid Q | --into-fd FD)"
+    )
+    for part in ("exit status:", "examples:", "  0  ", "  1  ", "  2  "):
+        assert part in out, part
+    for option in ("--into NSFILE", "--pid Q", "--into-fd FD", "--pidfd", "--parent P"):
+        assert option in out, option
+    assert "--timeout SECONDS" in out and "--json" in out
+    assert "nsexp migrate 4242 --into /proc/77/ns/pid" in out
+    # The commands appear in the top-level help too.
+    top = nsexp("--help").stdout
+    assert "migrate" in top and "request" in top
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["1"], "one of the arguments --into -t/--pid --into-fd is required"),
+        (["1", "--into", "/proc/self/ns/pid", "--pid", "1"], "not allowed with argument"),
+        (["x", "--pid", "1"], "not a file descriptor number: 'x'"),
+        (["1", "--pid", "0"], "must be a positive number"),
+        (["1", "--pid", "1", "--timeout", "0"], "must be more than 0 and at most 60 s"),
+        (["1", "--pid", "1", "--timeout", "61"], "must be more than 0 and at most 60 s"),
+        (["1", "--pid", "1", "--parent", "-2"], "must be a positive number"),
+        (["--pid", "1"], "the following arguments are required: PID"),
+    ],
+)
+def test_migrate_usage_errors_exit_2(args, words):
+    proc = nsexp("migrate", *args)
+    assert proc.returncode == 2, proc
+    assert words in proc.stderr
+    assert proc.stdout == ""
+
+
+@NO_DEVICE
+def test_migrate_without_the_module_says_so():
+    proc = nsexp("migrate", str(os.getpid()), "--into", "/proc/self/ns/pid")
+    assert proc.returncode == 1
+    assert f"{uapi.DEVICE} does not exist: the nsmigrate module is not loaded" in proc.stderr
+    assert "[ENOENT, errno 2]" in proc.stderr
+    assert proc.stdout == ""
+    proc = nsexp("migrate", str(os.getpid()), "--pid", "1", "--json")
+    assert proc.returncode == 1
+    reply = json.loads(proc.stdout)
+    assert reply["ok"] is False and reply["errno"] == errno.ENOENT and reply["error"] == "ENOENT"
+    assert "module is not loaded" in reply["message"]
+
+
+def test_migrate_target_that_cannot_be_opened():
+    proc = nsexp("migrate", "1", "--into", "/nonexistent/ns/pid")
+    assert proc.returncode == 1
+    assert "cannot open /nonexistent/ns/pid: No such file or directory [ENOENT" in proc.stderr
+    gone = dead_pid()
+    proc = nsexp("migrate", "1", "--pid", str(gone), "--json")
+    assert proc.returncode == 1
+    reply = json.loads(proc.stdout)
+    assert reply["errno"] == errno.ESRCH
+    assert f"cannot open a pidfd for target process {gone}: No such process" == reply["message"]
+
+
+# -- nsexp request, natively (a real manager; moves need the module: in the VM) ------------
+
+
+@pytest.fixture
+def manager(tmp_path):
+    """A manager on a socket under tmp_path; one namespace registered: this test process's."""
+    registry = {"HOST": Namespace.open("HOST", os.getpid())}
+    m = Manager(str(tmp_path / "m.sock"), get_backend("kmod"), registry)
+    m.start()
+    try:
+        yield m
+    finally:
+        m.stop()
+        for ns in registry.values():
+            ns.close()
+
+
+def test_request_help():
+    proc = nsexp("request", "--help")
+    assert proc.returncode == 0
+    assert proc.stdout.startswith("usage: nsexp request [options] --to NS [--] [COMMAND [ARG...]]")
+    for part in ("exit status:", "examples:", "--socket PATH", "--ping", "--json", "127"):
+        assert part in proc.stdout, part
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        ([], "one of the arguments --to --ping is required"),
+        (["--to", "NS3", "--ping"], "not allowed with argument"),
+        (["--to", "NS3", "--timeout", "soon"], "invalid float value: 'soon'"),
+    ],
+)
+def test_request_usage_errors_exit_2(args, words):
+    proc = nsexp("request", *args)
+    assert proc.returncode == 2
+    assert words in proc.stderr
+
+
+def test_request_without_a_manager(tmp_path):
+    sock = tmp_path / "nobody.sock"
+    proc = nsexp("request", "--socket", str(sock), "--to", "NS3")
+    assert proc.returncode == 1
+    assert f"nsexp request: no answer from a manager at {sock}: cannot connect" in proc.stderr
+    assert "is `nsexp manager` running?" in proc.stderr
+    proc = nsexp("request", "--to", "NS3", "--json", env={**os.environ, "NSEXP_SOCKET": str(sock)})
+    assert proc.returncode == 1
+    assert json.loads(proc.stdout)["code"] == "unavailable"
+
+
+def test_request_ping_names_the_asking_process(manager):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nsexp", "request", "--socket", manager.socket_path, "--ping"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    # The manager names the sender from the kernel's credentials: the command's own process.
+    assert f"the manager sees process {proc.pid} (PID {proc.pid} in HOST)" in out
+
+
+def test_request_refusals_are_the_managers_words(manager):
+    proc = nsexp("request", "--socket", manager.socket_path, "--to", "NOPE")
+    assert proc.returncode == 1
+    assert "nsexp request: the manager refused: unknown_namespace: no namespace named 'NOPE'" in (
+        proc.stderr
+    )
+    proc = nsexp("request", "--socket", manager.socket_path, "--to", "HOST", "--json")
+    assert proc.returncode == 1
+    reply = json.loads(proc.stdout)
+    assert reply["code"] == "same_namespace" and reply["message"] == "already in HOST"
+
+
+def test_request_command_not_found_moves_nothing(manager):
+    proc = nsexp("request", "--socket", manager.socket_path, "--to", "NOPE", "--", "no-such-cmd")
+    assert proc.returncode == 127
+    assert "no-such-cmd: command not found; nothing was moved" in proc.stderr
+    assert manager.served == 0  # the manager was not even asked
