@@ -63,6 +63,12 @@ class DebugKernel:
 
     @property
     def image(self) -> Path:
+        """A copy of the build's bzImage outside the build tree: given the image inside it,
+        vng would treat the tree as a kernel source folder and prepare its modules."""
+        return self.dir / "bzImage"
+
+    @property
+    def built_image(self) -> Path:
         return self.build_dir / "arch" / "x86" / "boot" / "bzImage"
 
 
@@ -131,7 +137,16 @@ def built() -> DebugKernel | None:
     except (OSError, ValueError):
         return None
     kernel = DebugKernel(d, info["release"], float(info.get("build_seconds", 0)))
-    return kernel if kernel.image.exists() else None
+    if not kernel.built_image.exists():
+        return None
+    if (
+        not kernel.image.exists()
+        or kernel.image.stat().st_mtime < kernel.built_image.stat().st_mtime
+    ):
+        tmp = kernel.image.with_suffix(f".tmp{os.getpid()}")
+        shutil.copy2(kernel.built_image, tmp)
+        tmp.replace(kernel.image)
+    return kernel
 
 
 def _log(msg: str) -> None:
