@@ -264,7 +264,15 @@ def bench_hop(p: dict[str, Any], errors: list[str]) -> list[dict[str, Any]]:
     rng = random.Random(p.get("seed", 1))
     if "criu" in p["backends"] and p.get("criu_paper_layout"):
         rows += _guarded(
-            errors, "hop criu (paper layout)", hop_session, "criu", 1, 0, {"x": -1}, p, "paper"
+            errors,
+            "hop criu (paper layout)",
+            hop_session,
+            "criu",
+            1,
+            0,
+            {"sweep": "hop", "x": -1, "rep": -1},
+            p,
+            "paper",
         )
     for r in range(rounds):
         order = [*p["backends"], "floor"]

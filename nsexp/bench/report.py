@@ -98,13 +98,25 @@ def _verdict_rows(verdicts: dict[str, dict]) -> list[list[str]]:
     return rows
 
 
+_BACKENDS = ("floor", "kmod", "restart", "criu", "C")
+_KINDS = ("minimal_rtt", "manager_ping", "hop", "failed")
+
+
+def _sample_rank(key: str) -> tuple[int, int, str]:
+    """Order of the hop table: floor, kmod, restart, criu, the C benchmark; floors first."""
+    backend, _, kind = key.partition(" ")
+    b = _BACKENDS.index(backend) if backend in _BACKENDS else len(_BACKENDS)
+    k = _KINDS.index(kind) if kind in _KINDS else len(_KINDS)
+    return b, k, key
+
+
 def hop_section(prov: dict[str, Any], defaults: dict[str, Any]) -> list[str]:
     """Runs, latencies (median, p90, p99), kmod's phases, ratios and verdicts of a hop run."""
     out = ["#### One hop, end to end, beside the floors", ""]
     out += _run_lines(prov, defaults, "hop") + [""]
     s = prov.get("summary") or {}
     rows = []
-    for key, v in s.items():
+    for key, v in sorted(s.items(), key=lambda kv: _sample_rank(kv[0])):
         if "phase:" in key:
             continue
         if "first_error" in v:
@@ -114,6 +126,7 @@ def hop_section(prov: dict[str, Any], defaults: dict[str, Any]) -> list[str]:
             rows.append([key, str(v["n"]), *cells, ""])
     out += _table(["sample", "n", "median", "p90", "p99", "note"], rows) + [""]
     phases = [(k.split("phase: ", 1)[1], v) for k, v in s.items() if k.startswith("kmod phase:")]
+    phases.sort(key=lambda nv: nv[1].get("order", 0))
     if phases:
         out += ["Phases of a kmod hop (medians, in the order they happen):", ""]
         out += _table(

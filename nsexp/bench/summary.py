@@ -213,9 +213,9 @@ def hop_summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
             if vals:
                 out[f"{backend} {kind}"] = summarize(vals)
         hops = measured(rows, backend=backend, kind=HOP)
-        for name in phase_medians(hops):  # in the order the phases happen
+        for k, name in enumerate(phase_medians(hops)):  # in the order the phases happen
             vals = [ns for r in hops for ph, ns in phases(r) if ph == name]
-            out[f"{backend} phase: {name}"] = summarize(vals)
+            out[f"{backend} phase: {name}"] = {**summarize(vals), "order": k}
         failed = [r for r in rows if r["backend"] == backend and r.get("status") != "ok"]
         if failed:
             out[f"{backend} failed"] = {"n": len(failed), "first_error": failed[0].get("error")}
