@@ -585,10 +585,7 @@ def test_manager_cli_runs_in_the_foreground(tmp_path, three_ns):
 @pytest.mark.vm
 def test_64_concurrent_clients_kmod_in_vm(vm_testbed, tmp_path):
     """The same 64 processes move at once: B's PIDs 2..65, same start times, clean kernel log."""
-    cmd = (
-        "python3 -m nsexp.experiment concurrency --backend kmod --clients 64"
-        ' --out "$NSEXP_OUT/conc"'
-    )
+    cmd = 'python3 tests/manager_load.py --backend kmod --clients 64 --out "$NSEXP_OUT/conc"'
     batch = vm_testbed.run_batch([cmd], out_dir=tmp_path, timeout=900)
     res = batch.results[0]
     summary_path = tmp_path / "conc" / "concurrency.json"
