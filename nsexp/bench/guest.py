@@ -296,6 +296,7 @@ def _guarded(errors: list[str], label: str, fn: Any, *args: Any) -> list[dict[st
     """Run one session; a failure is recorded (errors + progress) and the benchmark goes on.
     A session whose rows include failed hops is named too: the host exits non-zero for it."""
     t0 = time.monotonic()
+    progress(f"{label}: start")
     try:
         rows = fn(*args)
     except Exception as exc:  # noqa: BLE001 - the other sessions still run
