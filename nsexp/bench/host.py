@@ -353,7 +353,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "backends": _words(args.backends),
     }
     scaling = {
-        "n": args.n,
+        "n": args.point_n if args.point_n is not None else args.n,
         "warmup": args.warmup,
         "reps": args.reps,
         "sweeps": _words(args.sweeps),
@@ -424,6 +424,7 @@ def register_cli(subparsers: Any) -> None:
     g = p.add_argument_group("scaling")
     g.add_argument("--sweeps", help="comma-separated subset of route,depth,population,clients")
     g.add_argument("--reps", type=int, help="repetitions of every sweep (shuffled order)")
+    g.add_argument("--point-n", type=int, help="hops per depth / population point (default --n)")
     g.add_argument("--route-hops", type=int)
     g.add_argument("--route-namespaces", type=int)
     g.add_argument("--depths", help="e.g. 1,2,4,8,16,31")
