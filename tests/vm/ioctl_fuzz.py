@@ -15,6 +15,7 @@ numbers are ones no process can have. Standard library only.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import json
@@ -47,6 +48,8 @@ EXPECTED = {
 }
 #: numbers no process can have (pid_max is at most 2^22)
 NO_SUCH_PIDS = [0, -1, -(2**31), 2**31 - 1, 4_194_305]
+#: the whole request structure of this ABI (older callers pass REQ_SIZE_VER1 bytes)
+FULL = ctypes.sizeof(uapi.NsmigrateReq)
 NAMESPACES_PER_WORKER = 3
 VICTIMS_PER_WORKER = 4
 
@@ -160,7 +163,7 @@ class Worker:
         if rng.random() < 0.01:
             timeout = uapi.MAX_TIMEOUT_NS + 1
         req = uapi.NsmigrateReq(
-            size=rng.choice([uapi.REQ_SIZE_VER1] * 12 + [0, 63, 65, 72, 4096, 4097]),
+            size=rng.choice([FULL] * 8 + [uapi.REQ_SIZE_VER1] * 4 + [0, 63, 65, 4096, 4097]),
             version=rng.choice([2, 2, 2, 1, 0, 3]),
             flags=flags,
             pid=pid,
@@ -191,7 +194,7 @@ class Worker:
             self.unexpected.append({"errno": e, "cmd": cmd, "arg": bytes(arg).hex()[:160]})
         if e == 0 and cmd == uapi.IOC_MIGRATE and not isinstance(arg, int):
             self.successes += 1
-            reply = uapi.NsmigrateReq.from_buffer_copy(bytes(arg[: uapi.REQ_SIZE_VER1]))
+            reply = uapi.NsmigrateReq.from_buffer_copy(bytes(arg[:FULL]))
             if reply.new_pid <= 0 or reply.new_pid_in_target <= 0:
                 self.bad_replies += 1
 
