@@ -10,10 +10,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nsexp.notebooks import run_batch
+from nsexp.notebooks import run_repeats
 
 if TYPE_CHECKING:
-    from nsexp.io import Runs
+    import pandas as pd
+
+    from nsexp.experiment.tables import Runs
 
 #: Layouts offered by the explorer (name -> the layout parameters of notebook 01, those of
 #: nsexp.experiment.LayoutSpec.make).
@@ -30,13 +32,37 @@ LAYOUT_LABELS = {
     "quick": "2 namespaces, 1 hop",
 }
 
+#: What a Run costs on each testbed, shown next to the button before it is pressed.
+TESTBED_COST = {
+    "vm": "vm: every Run first boots a QEMU VM with the module (about a minute under emulation, "
+    "more on a busy machine)",
+    "native": "native: runs on this machine in seconds (kmod needs /dev/nsmigrate here; "
+    "restart and criu need root)",
+}
+
+
+def same_process_note(hops: pd.DataFrame) -> str:
+    """What the start times of a run's hops say: one process that travels, or one per hop."""
+    from nsexp.experiment import tables
+
+    ok = hops[tables.ok_mask(hops)]
+    if "start_time" not in ok.columns or ok["start_time"].isna().all():
+        return "no start times recorded"
+    starts = ok.groupby("run_id")["start_time"].nunique() if "run_id" in ok else None
+    n = int(starts.max()) if starts is not None and len(starts) else ok["start_time"].nunique()
+    stops = int(ok.groupby("run_id")["hop"].nunique().max()) if "run_id" in ok else len(ok)
+    if n == 1:
+        return f"one process: the same start time at all {stops} stops (it travelled)"
+    return f"{n} processes: a new start time at each of the {stops} stops (a new process per hop)"
+
 
 class Explorer:
     """The interactive explorer of notebook 00: choose a layout and a backend, run, see results.
 
-    ``widget`` holds the controls (layout, backend, testbed, repeats, Run button) and an output
-    area that shows the hop table and the process trees of the last run. :meth:`run` does what
-    the button does, so the explorer also works headless (papermill) without any click.
+    ``widget`` holds the controls (layout, backend, testbed, repeats, Run button), a line that
+    says what a Run costs on the chosen testbed, a status line and an output area that shows
+    the hop table and the process trees of the last run. :meth:`run` does what the button
+    does, so the explorer also works headless (papermill) without any click.
     """
 
     def __init__(
@@ -51,28 +77,57 @@ class Explorer:
 
         self.run_dir = Path(run_dir)
         self.runs: Runs | None = None
+        # "initial": the description takes the width it needs; the dropdowns are wide enough
+        # for their longest option, so no label is cut.
+        style = {"description_width": "initial"}
         self.layout = w.Dropdown(
             options=[(LAYOUT_LABELS.get(k, k), k) for k in LAYOUTS],
             value=layout or next(iter(LAYOUTS)),
             description="layout",
+            style=style,
+            layout=w.Layout(width="max-content", min_width="24em"),
         )
         self.backend = w.Dropdown(
-            options=["kmod", "restart", "criu"], value=backend, description="backend"
+            options=["kmod", "restart", "criu"],
+            value=backend,
+            description="backend",
+            style=style,
+            layout=w.Layout(width="max-content", min_width="12em"),
         )
-        self.testbed = w.Dropdown(options=["vm", "native"], value=testbed, description="testbed")
-        self.repeats = w.BoundedIntText(value=repeats, min=1, max=100, description="repeats")
+        self.testbed = w.Dropdown(
+            options=["vm", "native"],
+            value=testbed,
+            description="testbed",
+            style=style,
+            layout=w.Layout(width="max-content", min_width="12em"),
+        )
+        self.repeats = w.BoundedIntText(
+            value=repeats,
+            min=1,
+            max=100,
+            description="repeats",
+            style=style,
+            layout=w.Layout(width="12em"),
+        )
         self.button = w.Button(description="Run", button_style="primary", icon="play")
+        self.cost = w.HTML()
         self.status = w.HTML("ready")
         self.output = w.Output()
         self.button.on_click(lambda _b: self.run())
+        self.testbed.observe(lambda _c: self._show_cost(), names="value")
+        self._show_cost()
         self.widget = w.VBox(
             [
                 w.HBox([self.layout, self.backend]),
                 w.HBox([self.testbed, self.repeats, self.button]),
+                self.cost,
                 self.status,
                 self.output,
             ]
         )
+
+    def _show_cost(self) -> None:
+        self.cost.value = f"<i>{TESTBED_COST.get(self.testbed.value, '')}</i>"
 
     def _ipython_display_(self) -> None:
         from IPython.display import display
@@ -83,55 +138,68 @@ class Explorer:
         """Run the chosen experiment into a fresh folder under ``run_dir``, then show it.
 
         The run's progress lines appear in the output area (a button's callback has no cell
-        of its own to print into), then the hop table and the trees replace them.
+        of its own to print into); then the hop table and the trees replace them, and only
+        after they are displayed does the status say "done".
         """
         from IPython.display import display
 
-        from nsexp import io as nio
+        from nsexp.experiment import tables
 
+        backend, testbed = self.backend.value, self.testbed.value
         stamp = time.strftime("%Y%m%dT%H%M%S")
-        folder = self.run_dir / f"{stamp}-{self.backend.value}-{self.testbed.value}"
+        folder = self.run_dir / f"{stamp}-{backend}-{testbed}"
         self.button.disabled = True
-        self.status.value = f"running {self.backend.value} on {self.testbed.value} ..."
+        booting = " (booting a VM first: about a minute)" if testbed == "vm" else ""
+        self.status.value = f"running {backend} on {testbed}{booting} ..."
         t0 = time.monotonic()
         with self.output:
             self.output.clear_output()
             try:
-                runs = run_batch(
-                    self.backend.value,
-                    self.testbed.value,
+                runs = run_repeats(
+                    backend,
+                    testbed,
                     folder,
                     repeats=self.repeats.value,
                     **LAYOUTS[self.layout.value],
                 )
+                ok = int(tables.ok_mask(runs.hops).sum())
+                self.status.value = f"drawing {ok}/{len(runs.hops)} stops ..."
+                self.output.clear_output(wait=True)
+                show_runs(runs, display)
             except Exception as exc:  # shown in the widget; the kernel stays usable
                 self.status.value = f"<b>failed</b>: {type(exc).__name__}: {exc}"
                 return None
             finally:
                 self.button.disabled = False
-            self.runs = runs
-            ok = int(nio.ok_mask(runs.hops).sum())
-            took = time.monotonic() - t0
-            self.status.value = f"done in {took:.1f} s: {ok}/{len(runs.hops)} stops ok, in {folder}"
-            self.output.clear_output(wait=True)
-            show_runs(runs, display)
+        self.runs = runs
+        took = time.monotonic() - t0
+        self.status.value = (
+            f"done in {took:.1f} s: {ok}/{len(runs.hops)} stops ok, in {folder}; "
+            f"{same_process_note(runs.hops)}"
+        )
         return runs
 
 
 def show_runs(runs: Runs, display: Any = None) -> None:
-    """Display the hop table, the process trees and (if recorded) the phase timings."""
+    """Display the hop table (with each stop's global PID and start time), what the start
+    times say, the process trees and (if recorded) the phase timings."""
     import matplotlib.pyplot as plt
+    from IPython.display import HTML
 
-    from nsexp import io as nio
-    from nsexp import plotting
+    from nsexp.experiment import figures, tables
 
     if display is None:
         from IPython.display import display
-    display(nio.hop_table(runs.hops))
-    for fig in (
-        plotting.plot_process_trees(runs.processes, runs.hops),
-        plotting.plot_phase_timings(runs.hops),
-    ):
-        if fig is not None:
-            display(fig)
-            plt.close(fig)
+    display(HTML("<h4>Hop table</h4>"))
+    display(tables.hop_table(runs.hops))
+    display(HTML(f"<p>{same_process_note(runs.hops)}</p>"))
+    trees = figures.plot_process_trees(runs.processes, runs.hops)
+    if trees is not None:
+        display(HTML("<h4>Process trees, after each stop</h4>"))
+        display(trees)
+        plt.close(trees)
+    phases = figures.plot_phase_timings(runs.hops)
+    if phases is not None:
+        display(HTML("<h4>Phase timings</h4>"))
+        display(phases)
+        plt.close(phases)

@@ -28,6 +28,7 @@ from typing import Any
 
 from nsexp import nsutil, protocol
 from nsexp.backends import Backend, Namespace
+from nsexp.errors import NsexpError
 from nsexp.manager import Manager
 
 Program = Callable[[], None]
@@ -43,7 +44,7 @@ class NamespacePlan:
     programs: dict[int, Program] = field(default_factory=dict)  # child index (0-based) -> main
 
 
-class HierarchyError(RuntimeError):
+class HierarchyError(NsexpError, RuntimeError):
     """The tree could not be built or driven."""
 
 

@@ -1,8 +1,9 @@
 """Execute the notebooks with papermill (``nsexp figures``) and the helpers their cells call.
 
-``nsexp figures`` runs every notebook in ``notebooks/`` with papermill, keeps the executed copies
-under ``build/notebooks/`` (the sources stay free of outputs) and, with the notebooks' default
-parameters, regenerates ``data/`` and ``figures/`` from real runs.
+``nsexp figures`` (``make figures``) runs every notebook in ``notebooks/`` with papermill, keeps the
+executed copies under ``build/notebooks/`` (the sources stay free of outputs) and, with the
+notebooks' default parameters and ``publish=True``, regenerates ``data/`` and ``figures/`` from
+real runs. A notebook run any other way writes under ``build/`` (:func:`output_dirs`).
 
 Host-side only. papermill, pandas and matplotlib are imported lazily, so that ``nsexp --help`` and
 the other subcommands do not pay for them.
@@ -21,15 +22,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from nsexp import records
+
 if TYPE_CHECKING:
-    from nsexp.experiment import LayoutSpec
-    from nsexp.io import Runs
+    from nsexp.experiment.tables import Runs
 
 #: Jupyter kernel the notebooks declare and papermill is told to use.
 KERNEL_NAME = "python3"
-
-#: Set while ``nsexp figures`` runs, so that a notebook records the command in its provenance.
-COMMAND_ENV = "NSEXP_COMMAND"
 
 
 def repo_root() -> Path:
@@ -61,7 +60,8 @@ def list_notebooks(
 
 
 def default_parameters(notebook: Path, root: Path | None = None) -> dict[str, Any]:
-    """Parameters ``nsexp figures`` gives a notebook: absolute output paths under the repo.
+    """Parameters ``nsexp figures`` gives a notebook: publish (write data/ and figures/), and
+    its run folder under the repository's build/.
 
     Everything else keeps the notebook's own defaults (the paper's experiment: kmod in the VM).
     """
@@ -69,14 +69,10 @@ def default_parameters(notebook: Path, root: Path | None = None) -> dict[str, An
 
     root = root or repo_root()
     stem = notebook.stem.split("_", 1)[-1]  # 01_chained_execution -> chained_execution
-    paths = {
-        "data_dir": str(root / "data"),
-        "figures_dir": str(root / "figures"),
-        "run_dir": str(root / "build" / "runs" / stem),
-    }
+    wanted = {"publish": True, "run_dir": str(root / "build" / "runs" / stem)}
     # Only those the notebook declares (papermill warns about the others).
     declared = pm.inspect_notebook(str(notebook))
-    return {k: v for k, v in paths.items() if k in declared}
+    return {k: v for k, v in wanted.items() if k in declared}
 
 
 def execute_notebook(
@@ -153,159 +149,83 @@ def run_notebooks(
     """
     notebooks = list_notebooks(notebooks_dir, select)
     out_dir = Path(build_dir) if build_dir else repo_root() / "build" / "notebooks"
+    # The kernels inherit it (records.command_line); only while these notebooks run.
+    previous = os.environ.get(records.COMMAND_ENV)
     if command is not None:
-        os.environ[COMMAND_ENV] = command
+        os.environ[records.COMMAND_ENV] = command
     done = []
-    for i, nb in enumerate(notebooks, 1):
-        params = {**default_parameters(nb), **dict(parameters or {})}
-        out = out_dir / nb.name
-        shown = " ".join(f"{k}={v!r}" for k, v in sorted(params.items()))
-        print(f"[{i}/{len(notebooks)}] {nb.name} -> {out}\n    parameters: {shown}", flush=True)
-        t0 = time.monotonic()
-        execute_notebook(nb, out, params, kernel_name, progress=progress, log_output=log_output)
-        print(f"[{i}/{len(notebooks)}] {nb.name} done in {time.monotonic() - t0:.1f} s", flush=True)
-        done.append(out)
+    try:
+        for i, nb in enumerate(notebooks, 1):
+            params = {**default_parameters(nb), **dict(parameters or {})}
+            out = out_dir / nb.name
+            shown = " ".join(f"{k}={v!r}" for k, v in sorted(params.items()))
+            print(f"[{i}/{len(notebooks)}] {nb.name} -> {out}\n    parameters: {shown}", flush=True)
+            t0 = time.monotonic()
+            execute_notebook(nb, out, params, kernel_name, progress=progress, log_output=log_output)
+            took = time.monotonic() - t0
+            print(f"[{i}/{len(notebooks)}] {nb.name} done in {took:.1f} s", flush=True)
+            done.append(out)
+    finally:
+        if previous is None:
+            os.environ.pop(records.COMMAND_ENV, None)
+        else:
+            os.environ[records.COMMAND_ENV] = previous
     return done
-
-
-def command_line() -> str:
-    """The command that produced this notebook's results, for provenance records."""
-    return os.environ.get(COMMAND_ENV) or " ".join(shlex.quote(a) for a in sys.argv)
 
 
 # --- helpers the notebooks' cells call -----------------------------------------------------
 
 
-def make_spec(
-    namespaces: int | Sequence[str] | None = None,
-    children: Sequence[int] | None = None,
-    increments: int = 100,
-    route: Sequence[str] | None = None,
-    hops: int | None = None,
-) -> LayoutSpec:
-    """The experiment's layout from the notebook's parameters (None: the paper's pattern)."""
-    from nsexp.experiment import LayoutSpec
+def output_dirs(
+    name: str,
+    publish: bool = False,
+    data_dir: str | os.PathLike[str] | None = None,
+    figures_dir: str | os.PathLike[str] | None = None,
+    tag: str | None = None,
+) -> tuple[Path, Path]:
+    """Where a notebook writes its tables and figures.
 
-    return LayoutSpec.make(
-        namespaces=namespaces, children=children, increments=increments, route=route, hops=hops
+    Published (``publish=True``, what ``make figures`` does): the repository's ``data/`` and
+    ``figures/``. Otherwise under ``build/results/<name>[-<tag>]/``, so that a run with other
+    parameters never replaces the committed results. Explicit folders win over both.
+    """
+    root = repo_root()
+    scratch = root / "build" / "results" / (f"{name}-{tag}" if tag else name)
+    data = Path(data_dir) if data_dir else (root / "data" if publish else scratch / "data")
+    figures = (
+        Path(figures_dir) if figures_dir else (root / "figures" if publish else scratch / "figures")
     )
+    return data, figures
 
 
-def run_batch(
+def run_repeats(
     backend: str,
     testbed: str,
     run_dir: str | os.PathLike[str],
     repeats: int = 1,
-    echo: bool = False,
     kernel: str | None = None,
+    echo: bool = False,
+    command: str | None = None,
     **layout: Any,
 ) -> Runs:
-    """Run the experiment ``repeats`` times into ``run_dir/<i>/`` and read the runs back.
-
-    Natively each repeat is one ``nsexp.experiment.run``. On the VM all repeats share one boot
-    (a boot costs about a minute under TCG, and guest timings are comparable only within one
-    boot). A failed run is kept (its rows and run.json say why), reported, and shown.
-    """
+    """Run the experiment ``repeats`` times (:func:`nsexp.experiment.run_batch`), report each
+    run, and read them back as tidy tables. ``layout`` are :meth:`LayoutSpec.make`'s options."""
     from nsexp import experiment
-    from nsexp import io as nio
+    from nsexp.experiment import tables
 
-    spec = make_spec(**layout)
-    # run.json records the command; in a kernel sys.argv is only the kernel launcher.
-    command = shlex.split(os.environ[COMMAND_ENV]) if os.environ.get(COMMAND_ENV) else None
-    base = Path(run_dir).resolve()
-    dirs = [base / f"{i:03d}" for i in range(repeats)]
+    spec = experiment.LayoutSpec.make(**layout)
     t0 = time.monotonic()
-    if testbed == "vm" and repeats > 1:
-        outcomes = _run_vm_batch(spec, backend, base, dirs, kernel=kernel)
-    else:
-        outcomes = []
-        for d in dirs:
-            result = experiment.run(
-                spec, backend, testbed, d, echo=echo, command=command, kernel=kernel
-            )
-            outcomes.append((result.run_id, result.ok, result.error))
-    for i, (run_id, ok, error) in enumerate(outcomes):
+    results = experiment.run_batch(
+        spec, backend, testbed, run_dir, repeats, kernel=kernel, echo=echo, command=command
+    )
+    for i, r in enumerate(results):
         print(
-            f"run {i + 1}/{repeats} {run_id}: {'ok' if ok else f'FAILED: {error}'}",
-            file=sys.stdout if ok else sys.stderr,
+            f"run {i + 1}/{repeats} {r.run_id}: {'ok' if r.ok else f'FAILED: {r.error}'}",
+            file=sys.stdout if r.ok else sys.stderr,
             flush=True,
         )
     print(f"{repeats} run(s) of {backend} on {testbed} in {time.monotonic() - t0:.1f} s")
-    return nio.read_runs(dirs)
-
-
-def _run_vm_batch(
-    spec: LayoutSpec,
-    backend: str,
-    base: Path,
-    dirs: Sequence[Path],
-    kernel: str | None = None,
-) -> list[tuple[str, bool, str | None]]:
-    """All repeats in one VM boot; returns (run_id, ok, error) per run.
-
-    Each repeat is the guest-side ``nsexp.experiment run --testbed native``, exactly as
-    ``nsexp.experiment.run`` does for one run on the VM; the boot's facts go into each run.json.
-    """
-    from nsexp import experiment as ex
-    from nsexp import io as nio
-    from nsexp import testbed as tb
-
-    bed = tb.get_testbed("vm", kernel=kernel)
-    inner = 60.0 + (30.0 if backend == "criu" else 10.0) * spec.hops
-    commands = []
-    for d in dirs:
-        d.mkdir(parents=True, exist_ok=True)
-        for stale in ("records.jsonl", ex.HOPS_FILE, ex.PROCESSES_FILE, ex.RUN_FILE):
-            (d / stale).unlink(missing_ok=True)
-        guest = ["python3", "-m", "nsexp.experiment", "run", "--backend", backend]
-        guest += ["--testbed", "native", "--record-testbed", "vm", "--out", str(d)]
-        guest += ["--timeout", f"{inner:g}", "--quiet", *spec.cli_args()]
-        commands.append(shlex.join(guest))
-    print(f"booting the VM ({bed.kernel_release()}) for {len(dirs)} runs ...", flush=True)
-    batch = bed.run_batch(
-        commands,
-        out_dir=base,
-        timeout=600 + len(dirs) * (inner + 30),
-        command_timeout=inner + 30,
-        load_module=backend == "kmod",
-    )
-    (base / "dmesg.txt").write_text(batch.dmesg or "")
-    outcomes = []
-    for i, (d, res) in enumerate(zip(dirs, batch.results, strict=True)):
-        path = d / ex.RUN_FILE
-        meta: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
-        meta["vm"] = {
-            "kernel_release": batch.kernel_release,
-            "module_loaded": batch.module_loaded,
-            "module_unloaded": batch.module_unloaded,
-            "kernel_log_problems": batch.kernel_log_problems(),
-            "returncode": res.returncode,
-            "timed_out": res.timed_out,
-            "duration_s": round(res.duration_s, 3),
-            "boot": str(base),
-            "batch_index": i,
-            "batch_size": len(dirs),
-            "host_command": os.environ.get(COMMAND_ENV) or shlex.join(sys.argv),
-        }
-        error = meta.get("error")
-        if not meta.get("run_id"):
-            error = f"the guest run wrote no run.json (exit {res.returncode}): {res.stderr[-2000:]}"
-            meta.update(
-                run_id=f"{base.name}-{i:03d}-failed",
-                backend=backend,
-                testbed="vm",
-                kernel=batch.kernel_release,
-            )
-        if backend == "kmod" and not batch.module_loaded:
-            error = error or "the nsmigrate module could not be loaded in the guest"
-        meta["ok"] = bool(meta.get("ok")) and error is None
-        meta["error"] = error
-        path.write_text(json.dumps(meta, indent=2) + "\n")
-        if not (d / ex.HOPS_FILE).exists():
-            # Keep the folder readable: an empty hop table with the run's failure in run.json.
-            (d / ex.HOPS_FILE).write_text(",".join(nio.HOP_COLUMNS) + "\n")
-        outcomes.append((str(meta["run_id"]), meta["ok"], error))
-    return outcomes
+    return tables.read_runs(r.out for r in results)
 
 
 # --- CLI -----------------------------------------------------------------------------------

@@ -11,9 +11,11 @@ import time
 
 import pytest
 
-from nsexp import nsutil
+from nsexp import nsutil, records
 from nsexp.backends.criu import _criu_error
-from nsexp.experiment import LayoutSpec, guest_command, read_records, run
+from nsexp.experiment import LayoutSpec, run
+from nsexp.experiment.guest import read_records
+from nsexp.experiment.host import guest_command
 
 
 def assert_honest(hops: list[dict]) -> None:
@@ -64,9 +66,10 @@ def test_criu_in_vm(vm_testbed, tmp_path):
     layout PID 3 is taken in NS3: the restore fails ("File exists") and the row says so."""
     free = LayoutSpec.make(children=[2, 0], route=["NS2", "NS3"])
     outs = {"free": tmp_path / "free", "paper": tmp_path / "paper"}
+    provenance = {"code_version": records.code_version(), "command": "pytest test_criu"}
     commands = [
-        guest_command(free, "criu", outs["free"], timeout=300, echo=False),
-        guest_command(LayoutSpec(), "criu", outs["paper"], timeout=300, echo=False),
+        guest_command(free, "criu", outs["free"], timeout=300, echo=False, **provenance),
+        guest_command(LayoutSpec(), "criu", outs["paper"], timeout=300, echo=False, **provenance),
     ]
     batch = vm_testbed.run_batch(commands, out_dir=tmp_path, load_module=False, timeout=1500)
     logs = "\n".join(f"{r.command}\n{r.stdout}\n{r.stderr}" for r in batch.results)

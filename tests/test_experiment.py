@@ -14,15 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from nsexp import nsutil
-from nsexp.experiment import (
-    LayoutSpec,
-    guest_command,
-    predict_pids,
-    predict_values,
-    read_records,
-    run,
-)
+from nsexp import nsutil, records
+from nsexp.experiment import LayoutSpec, predict_pids, predict_values, run
+from nsexp.experiment.guest import guest_parser, read_records
+from nsexp.experiment.host import guest_command
+from nsexp.experiment.layout import spec_from_args
 
 REPO = Path(__file__).resolve().parent.parent
 PAPER_TABLE = [("NS2", 100, 3), ("NS3", 200, 5), ("NS4", 300, 6), ("NS5", 400, 7)]
@@ -122,7 +118,10 @@ def test_paper_run_restart_native(tmp_path, capfd):
     meta = json.loads((tmp_path / "run.json").read_text())
     assert meta["run_id"] == result.run_id and meta["backend"] == "restart"
     assert meta["kernel"] == os.uname().release and meta["ok"] is True
-    assert meta["spec"]["children"] == [2, 3, 4, 5] and meta["code_version"]
+    assert meta["spec"]["children"] == [2, 3, 4, 5]
+    # Taken by the host before the run: this tree's commit (and its edits' hash if any).
+    assert meta["code_version"] == records.code_version() != "unknown"
+    assert meta["command"] == records.command_line()
     assert meta["started"] < meta["ended"]
 
     procs = read_csv(tmp_path / "processes.csv")
@@ -170,8 +169,8 @@ def test_timeout_tears_everything_down(tmp_path):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_tears_everything_down(tmp_path, sig):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "nsexp.experiment", "run", "--backend", "restart"]
-    cmd += ["--testbed", "native", "--out", str(out), "--increments", str(10**10)]
+    cmd = [sys.executable, "-m", "nsexp.experiment.guest", "--backend", "restart"]
+    cmd += ["--out", str(out), "--increments", str(10**10)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
@@ -235,12 +234,26 @@ def test_cli_kmod_native_needs_the_module(tmp_path):
 
 
 def test_cli_bad_layout(tmp_path):
-    cmd = [sys.executable, "-m", "nsexp.experiment", "run", "--backend", "restart"]
+    cmd = [sys.executable, "-m", "nsexp", "run", "--backend", "restart"]
     cmd += ["--testbed", "native", "--out", str(tmp_path), "--children", "2,3"]
     cmd += ["--namespaces", "3"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
-    assert res.returncode == 2 and "child counts" in res.stderr
+    assert res.returncode == 1 and "nsexp run: 2 child counts for 3 namespaces" in res.stderr
+    assert "Traceback" not in res.stderr and not (tmp_path / "run.json").exists()
+
+
+def test_guest_records_the_hosts_version_and_command(tmp_path):
+    """The guest records what the host hands it (the host took it before the run)."""
+    cmd = [sys.executable, "-m", "nsexp.experiment.guest", "--backend", "restart"]
+    cmd += ["--out", str(tmp_path), "--namespaces", "2", "--children", "2,2", "--quiet"]
+    cmd += ["--code-version", "f" * 40, "--command", "nsexp run --testbed vm"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    meta = json.loads((tmp_path / "run.json").read_text())
+    assert meta["code_version"] == "f" * 40 and meta["command"] == "nsexp run --testbed vm"
+    assert meta["testbed"] == "native" and meta["ok"]
 
 
 # -- the real mechanism, inside the VM -------------------------------------------------------
@@ -272,8 +285,17 @@ def test_other_layouts_kmod_in_vm(vm_testbed, tmp_path):
             children=[1, 0, 6], worker_index=0, route=["NS2", "NS4", "NS3", "NS2", "NS4"]
         ),
     }
+    version = records.code_version()
     commands = [
-        guest_command(spec, "kmod", tmp_path / name, timeout=300, echo=False)
+        guest_command(
+            spec,
+            "kmod",
+            tmp_path / name,
+            timeout=300,
+            code_version=version,
+            command="t",
+            echo=False,
+        )
         for name, spec in specs.items()
     ]
     batch = vm_testbed.run_batch(commands, out_dir=tmp_path, timeout=1500)
@@ -285,6 +307,8 @@ def test_other_layouts_kmod_in_vm(vm_testbed, tmp_path):
         assert [h["pid"] for h in hops] == predict_pids(spec), logs
         assert [h["value"] for h in hops] == predict_values(spec)
         assert len({h["start_time"] for h in hops}) == 1
+        meta = json.loads((tmp_path / name / "run.json").read_text())
+        assert meta["code_version"] == version and meta["testbed"] == "vm"
     assert batch.module_loaded and batch.kernel_log_problems() == []
 
 
@@ -297,17 +321,15 @@ def test_other_layouts_kmod_in_vm(vm_testbed, tmp_path):
     ],
 )
 def test_guest_command_reproduces_the_layout(spec, tmp_path):
-    """What the VM guest runs is the same layout, recorded as "vm", into the shared folder."""
-    import argparse
+    """What the VM guest runs is the same layout, recorded as "vm", into the shared folder,
+    with the code version and the command the host took."""
     import shlex
 
-    from nsexp.experiment import add_arguments, spec_from_args
-
-    argv = shlex.split(guest_command(spec, "kmod", tmp_path / "x y", timeout=90))
-    assert argv[:4] == ["python3", "-m", "nsexp.experiment", "run"]
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    args = parser.parse_args(argv[4:])
+    cmd = guest_command(spec, "kmod", tmp_path / "x y", timeout=90, code_version="v", command="c")
+    argv = shlex.split(cmd)
+    assert argv[:3] == ["python3", "-m", "nsexp.experiment.guest"]
+    args = guest_parser().parse_args(argv[3:])
     assert spec_from_args(args) == spec
-    assert (args.backend, args.testbed, args.record_testbed) == ("kmod", "native", "vm")
+    assert (args.backend, args.record_testbed) == ("kmod", "vm")
+    assert (args.code_version, args.command) == ("v", "c")
     assert args.out == tmp_path / "x y" and args.timeout == 90

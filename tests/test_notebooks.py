@@ -15,8 +15,9 @@ import pandas as pd
 import pytest
 
 from nsexp import explorer as ex
-from nsexp import io as nio
 from nsexp import notebooks as nb
+from nsexp import publish, records
+from nsexp.experiment import tables as nio
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -31,7 +32,7 @@ needs_root = pytest.mark.skipif(
 @pytest.fixture(autouse=True)
 def _restore_env(monkeypatch: pytest.MonkeyPatch) -> None:
     # nsexp.notebooks sets these for the kernels it starts; keep them out of other tests.
-    for var in ("PYTHONPATH", nb.COMMAND_ENV, "MPLBACKEND"):
+    for var in ("PYTHONPATH", records.COMMAND_ENV, "MPLBACKEND"):
         if var in os.environ:
             monkeypatch.setenv(var, os.environ[var])
         else:
@@ -63,7 +64,7 @@ def test_parameters_cells_declare_outputs() -> None:
     cell = _parameters_source(ROOT / "notebooks" / "01_chained_execution.ipynb")
     for name in ("backend", "testbed", "namespaces", "children", "increments", "route", "hops"):
         assert f"{name} = " in cell
-    for name in ("repeats", "data_dir", "figures_dir", "run_dir"):
+    for name in ("repeats", "publish", "replace", "data_dir", "figures_dir", "run_dir"):
         assert f"{name} = " in cell
     cell = _parameters_source(ROOT / "notebooks" / "00_explore.ipynb")
     for name in ("backend", "testbed", "layout", "run_dir", "autorun"):
@@ -93,11 +94,20 @@ def test_parameter_values_parse() -> None:
     assert params == {"repeats": 2, "children": [1, 2], "route": None, "backend": "restart"}
 
 
-def test_default_parameters_point_into_repo() -> None:
+def test_nsexp_figures_publishes() -> None:
+    """`nsexp figures` (make figures) publishes; the notebook's own default does not."""
     params = nb.default_parameters(ROOT / "notebooks" / "01_chained_execution.ipynb")
-    assert params["data_dir"] == str(nb.repo_root() / "data")
-    assert params["figures_dir"] == str(nb.repo_root() / "figures")
+    assert params["publish"] is True
     assert params["run_dir"].startswith(str(nb.repo_root() / "build"))
+    assert "publish = False" in _parameters_source(
+        ROOT / "notebooks" / "01_chained_execution.ipynb"
+    )
+    root = nb.repo_root()
+    assert nb.output_dirs("x", True) == (root / "data", root / "figures")
+    assert nb.output_dirs("x", False, tag="restart-native") == (
+        root / "build" / "results" / "x-restart-native" / "data",
+        root / "build" / "results" / "x-restart-native" / "figures",
+    )
     # The explorer writes no tables or figures: it gets only a run folder.
     assert set(nb.default_parameters(ROOT / "notebooks" / "00_explore.ipynb")) == {"run_dir"}
 
@@ -126,16 +136,16 @@ def _check_chained_outputs(tmp_path: Path, backend: str) -> pd.DataFrame:
     """The tables and figures notebook 01 promises; returns the hop table."""
     data, figures = tmp_path / "data", tmp_path / "figures"
     expected_columns = {
-        "hops": set(nio.HOP_COLUMNS) | {"repeat"},
+        "hops": set(records.HOP_COLUMNS) | {"repeat"},
         "hop_table": set(nio.HOP_TABLE_COLUMNS),
-        "processes": set(nio.PROCESS_COLUMNS) | {"run_id", "repeat"},
+        "processes": set(records.PROCESS_COLUMNS) | {"run_id", "repeat"},
         "runs": {"repeat", "run_id", "backend", "testbed"},
         "expected": {"hop", "ns", "value", "pid", "expected_value", "expected_pid", "match"},
     }
     for table in TABLES:
         path = data / f"chained_{table}.csv"
         assert path.exists() and path.stat().st_size > 0, path
-        df, prov = nio.read_table(path)
+        df, prov = publish.read_table(path)
         assert expected_columns[table] <= set(df.columns), (table, list(df.columns))
         assert len(df) > 0, table
         assert prov["backend"] == backend and prov["run_ids"]
@@ -147,7 +157,7 @@ def _check_chained_outputs(tmp_path: Path, backend: str) -> pd.DataFrame:
             assert path.exists() and path.stat().st_size > 1000, path
         side = json.loads((figures / f"chained_{fig}.provenance.json").read_text())
         assert side["backend"] == backend and side["run_ids"]
-    return nio.read_table(data / "chained_hop_table.csv")[0]
+    return publish.read_table(data / "chained_hop_table.csv")[0]
 
 
 @needs_root
@@ -163,16 +173,66 @@ def test_notebook_01_restart_native(tmp_path: Path) -> None:
     assert executed.exists()
     table = _check_chained_outputs(tmp_path, "restart")
     assert [tuple(r) for r in table[["ns", "value", "pid"]].itertuples(index=False)] == PAPER
-    expected = nio.read_table(tmp_path / "data" / "chained_expected.csv")[0]
+    expected = publish.read_table(tmp_path / "data" / "chained_expected.csv")[0]
     assert expected["match"].all()
-    prov = nio.read_table(tmp_path / "data" / "chained_hops.csv")[1]
+    prov = publish.read_table(tmp_path / "data" / "chained_hops.csv")[1]
     assert prov["command"].startswith("nsexp figures -n 01 -p backend restart")
-    assert prov["parameters"]["repeats"] == 1
-    hops = nio.read_table(tmp_path / "data" / "chained_hops.csv")[0]
+    assert prov["parameters"]["repeats"] == 1 and prov["parameters"]["publish"] is True
+    # The analysis code's version, and that of the run it read (taken before the run).
+    # (Each a full commit hash, "-dirty-<diff hash>" in a tree with edits.)
+    run = publish.read_table(tmp_path / "data" / "chained_runs.csv")[0]
+    assert prov["run_code_versions"] == run["code_version"].tolist()
+    for version in (prov["code_version"], *prov["run_code_versions"]):
+        assert len(version.split("-")[0]) == 40, version
+    assert run["command"].tolist() == [prov["command"]]  # what a person ran, not the kernel
+    hops = publish.read_table(tmp_path / "data" / "chained_hops.csv")[0]
     # restart makes a new process at each hop: a new global PID each time, and start times
     # that move on (in clock ticks of 10 ms, so two quick hops may share one).
     assert hops["global_pid"].nunique() == len(hops)
     assert hops["start_time"].is_monotonic_increasing and hops["start_time"].nunique() > 1
+
+
+def _published() -> dict[str, bytes]:
+    return {
+        str(p): p.read_bytes()
+        for folder in (ROOT / "data", ROOT / "figures")
+        for p in sorted(folder.rglob("chained_execution*"))
+    }
+
+
+@needs_root
+def test_notebook_01_by_papermill_leaves_published_results_alone(tmp_path: Path) -> None:
+    """Run with other parameters (restart, native) and no output folders, notebook 01 writes
+    under build/results/, not data/ or figures/."""
+    before = _published()
+    assert before, "no published chained_execution results in data/ and figures/"
+    out = tmp_path / "01.ipynb"
+    params = {"backend": "restart", "testbed": "native", "repeats": 1}
+    params["run_dir"] = str(tmp_path / "runs")
+    nb.execute_notebook(ROOT / "notebooks" / "01_chained_execution.ipynb", out, params)
+    assert _published() == before
+    data, _ = nb.output_dirs("chained_execution", False, tag="restart-native")
+    prov = publish.read_table(data / "chained_execution_hops.csv")[1]
+    assert prov["backend"] == "restart" and prov["testbed"] == "native"
+    assert prov["command"].startswith("papermill 01_chained_execution.ipynb")
+    assert "-p backend restart" in prov["command"]
+
+
+def test_publishing_another_backend_is_refused_before_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`nsexp figures` with restart/native would replace the module's published results:
+    refused before anything runs, naming the way out."""
+    from nsexp import cli
+
+    before = _published()
+    args = ["figures", "-n", "01", "--build-dir", str(tmp_path), "--no-progress"]
+    args += ["-p", "backend", "restart", "-p", "testbed", "native"]
+    args += ["-p", "run_dir", str(tmp_path / "runs")]
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err
+    assert "backend=kmod" in err and "replace" in err
+    assert _published() == before and not (tmp_path / "runs").exists()
 
 
 @needs_root
@@ -235,11 +295,11 @@ def test_notebook_01_kmod_vm(tmp_path: Path) -> None:
     table = _check_chained_outputs(tmp_path, "kmod")
     assert [tuple(r) for r in table[["ns", "value", "pid"]].itertuples(index=False)] == PAPER
     assert table["agree"].tolist() == [2] * 4
-    hops = nio.read_table(tmp_path / "data" / "chained_hops.csv")[0]
+    hops = publish.read_table(tmp_path / "data" / "chained_hops.csv")[0]
     # The same process at every hop of a run: one start time per run.
     assert (hops.groupby("run_id")["start_time"].nunique() == 1).all()
     assert hops["kernel_done"].notna().sum() == 2 * 3  # the module's timings on every migration
-    runs = nio.read_table(tmp_path / "data" / "chained_runs.csv")[0]
+    runs = publish.read_table(tmp_path / "data" / "chained_runs.csv")[0]
     assert runs["vm.batch_size"].tolist() == [2, 2]  # both repeats in one boot
     assert runs["vm.kernel_log_problems"].tolist() == ["[]", "[]"]
     for ext in ("pdf", "png"):
@@ -247,9 +307,9 @@ def test_notebook_01_kmod_vm(tmp_path: Path) -> None:
 
 
 @needs_root
-def test_run_batch_repeats_native(tmp_path: Path) -> None:
-    """run_batch: one folder per repeat, read back as tidy tables numbered by repeat."""
-    runs = nb.run_batch("restart", "native", tmp_path, repeats=2, **ex.LAYOUTS["quick"])
+def test_run_repeats_native(tmp_path: Path) -> None:
+    """run_repeats: one folder per repeat, read back as tidy tables numbered by repeat."""
+    runs = nb.run_repeats("restart", "native", tmp_path, repeats=2, **ex.LAYOUTS["quick"])
     assert [p.name for p in nio.find_run_dirs(tmp_path)] == ["000", "001"]
     assert runs.hops["repeat"].tolist() == [0, 0, 1, 1]
     assert runs.hops["value"].tolist() == [10, 20, 10, 20]

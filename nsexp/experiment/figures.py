@@ -1,38 +1,24 @@
 """Figures of the chained-execution experiment, drawn with matplotlib.
 
-Host-side only (imports pandas and matplotlib). Every function takes the tidy tables of
-:mod:`nsexp.io` and returns a :class:`matplotlib.figure.Figure`; :func:`save_figure` writes it as
-PDF and PNG.
+Every function takes the tidy tables of :mod:`nsexp.experiment.tables` and returns a
+:class:`matplotlib.figure.Figure` (save them with :func:`nsexp.publish.save_figures`).
+Host-side only (pandas, matplotlib). Without a display matplotlib draws with Agg by itself;
+in Jupyter the kernel's inline backend is kept.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import textwrap
-from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
-import matplotlib
+import matplotlib.pyplot as plt
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.patches import FancyBboxPatch
 
-# Without a display (batch runs, CI, papermill) use Agg; inside Jupyter keep the inline backend.
-if not os.environ.get("DISPLAY") and "MPLBACKEND" not in os.environ:
-    try:
-        import IPython  # noqa: F401
-
-        _in_kernel = IPython.get_ipython() is not None
-    except ImportError:
-        _in_kernel = False
-    if not _in_kernel:
-        matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.patches import FancyBboxPatch  # noqa: E402
-
-from nsexp import io as nio  # noqa: E402
+from nsexp import publish
+from nsexp.experiment import tables
 
 ROLE_COLORS = {
     "worker": "#d62728",
@@ -43,51 +29,6 @@ ROLE_COLORS = {
     "child": "#2ca02c",
 }
 _DEFAULT_COLOR = "#8c564b"
-
-
-def save_figure(
-    fig: Figure, path_stem: str | os.PathLike[str], formats: Sequence[str] = ("pdf", "png")
-) -> list[Path]:
-    """Save ``fig`` as ``<path_stem>.pdf`` and ``.png`` (creating folders); return the paths."""
-    stem = Path(path_stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for fmt in formats:
-        path = stem.with_name(f"{stem.name}.{fmt}")
-        # Fixed metadata keeps PDFs byte-stable between regenerations of the same data.
-        metadata = {"CreationDate": None} if fmt == "pdf" else {"Software": None}
-        fig.savefig(path, dpi=200 if fmt == "png" else None, metadata=metadata, bbox_inches="tight")
-        paths.append(path)
-    return paths
-
-
-def save_figures(
-    figures: Mapping[str, Figure | None],
-    directory: str | os.PathLike[str],
-    prefix: str,
-    close: bool = True,
-    provenance: Mapping[str, Any] | None = None,
-) -> list[Path]:
-    """Save each figure as ``directory/<prefix>_<key>.{pdf,png}``; None entries are skipped.
-
-    With ``provenance`` (see :func:`nsexp.io.provenance`) each figure also gets
-    ``<prefix>_<key>.provenance.json`` naming its files, as the tables in data/ do.
-    """
-    paths: list[Path] = []
-    for key, fig in figures.items():
-        if fig is None:
-            continue
-        stem = Path(directory) / f"{prefix}_{key}"
-        saved = save_figure(fig, stem)
-        paths += saved
-        if provenance is not None:
-            side = dict(provenance, files=[p.name for p in saved])
-            with stem.with_name(f"{stem.name}.provenance.json").open("w") as f:
-                json.dump(side, f, indent=2, sort_keys=True, default=str)
-                f.write("\n")
-        if close:
-            plt.close(fig)
-    return paths
 
 
 def _title(hops: pd.DataFrame, what: str) -> str:
@@ -103,21 +44,25 @@ def _title(hops: pd.DataFrame, what: str) -> str:
 
 
 def plot_hop_table(hops: pd.DataFrame, title: str | None = None) -> Figure:
-    """The paper's table: namespace, value and PID at each hop.
+    """The paper's table: namespace, value and PID at each hop, with global PID and start time.
 
-    Over repeats each row shows the most common (ns, value, pid) and how many runs agree.
+    The start time (clock ticks since boot) tells the mechanisms apart: one process that travels
+    keeps it at every hop (kmod, criu), a new process per hop gets a new one (restart), though
+    the values and PIDs are the same. Over repeats each row shows the most common (ns, value,
+    pid), how many runs agree, and the global PID and start time of the first run that agrees.
     Hops that failed (e.g. CRIU could not restore) are shown as such, with their error below.
     """
-    table = nio.hop_table(hops)
+    table = tables.hop_table(hops)
     nruns = hops["run_id"].nunique() if "run_id" in hops.columns else 1
     many = nruns > 1
     failures = bool(len(table)) and int(table["failed"].fillna(0).max()) > 0
-    header = ["Hop", "Namespace", "Value", "PID"]
+    header = ["Hop", "Namespace", "Value", "PID", "Global PID", "Start time"]
     header += ["Runs agreeing"] if many else []
     header += ["Failed"] if failures else []
     cells, errors = [], []
     for _, r in table.iterrows():
-        row = [str(r["hop"]), str(r["ns"]), _fmt(r["value"]) or "-", _fmt(r["pid"]) or "-"]
+        row = [str(r["hop"]), str(r["ns"])]
+        row += [_fmt(r[c]) or "-" for c in ("value", "pid", "global_pid", "start_time")]
         if many:
             row.append(f"{r['agree']}/{nruns}")
         if failures:
@@ -344,7 +289,7 @@ def _draw_snapshot(
 
 def plot_phase_timings(hops: pd.DataFrame, title: str | None = None) -> Figure | None:
     """Per hop, the median duration of each phase (ms) as stacked bars; None if no timings."""
-    d = nio.phase_durations(hops)
+    d = tables.phase_durations(hops)
     if d.empty:
         return None
     phases = list(dict.fromkeys(d["phase"]))
@@ -377,11 +322,9 @@ def figures_for_run(
 
     This is what ``nsexp run --figures DIR`` (and so ``make run``) draws after a run.
     """
-    from nsexp import io as nio
-
-    run = nio.read_run(run_dir)
-    prov = nio.provenance([run.meta], run_dir=str(run_dir))
-    return save_figures(
+    run = tables.read_run(run_dir)
+    prov = publish.provenance([run.meta], run_dir=str(run_dir))
+    return publish.save_figures(
         {
             "hop_table": plot_hop_table(run.hops),
             "process_trees": plot_process_trees(run.processes, run.hops),

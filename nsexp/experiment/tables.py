@@ -1,22 +1,18 @@
-"""Read experiment run folders into tidy pandas tables and write them with provenance.
+"""The experiment's tables: run folders read into tidy pandas tables, the hop table, phases.
 
-Host-side only: this module imports pandas at import time, so the experiment's guest-side code
-must never import it.
+A run folder (``nsexp run --out DIR``) holds ``hops.csv`` (one row per hop), ``processes.csv``
+(the tree before the first hop and after each) and ``run.json`` (metadata); the names and
+columns are :mod:`nsexp.records`'. Reading it gives a :class:`Run`; several runs (repeats)
+concatenate into tidy tables in which every row carries its ``run_id`` and ``repeat``, with the
+remaining metadata in a side table of one row per run (:func:`runs_table`).
 
-A run folder (written by ``nsexp run --out DIR``) holds ``hops.csv`` (one row per hop),
-``processes.csv`` (hierarchy snapshots, one per hop) and ``run.json`` (run metadata). Reading it
-gives a :class:`Run`; several runs (repeats) concatenate into tidy tables in which every row
-carries its ``run_id`` and ``repeat``, with the remaining metadata in a side table of one row per
-run (:func:`runs_table`).
+Host-side only (pandas): the guest never imports it.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
-import hashlib
 import json
 import os
-import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,12 +20,17 @@ from typing import Any
 
 import pandas as pd
 
-from nsexp.records import HOP_COLUMNS, HOPS_FILE, PROCESS_COLUMNS, PROCESSES_FILE, RUN_FILE, STAMPS
-from nsexp.records import code_version as code_version
-from nsexp.records import sidecar_path as provenance_path
-
-#: CLOCK_MONOTONIC timestamps (ns) of the migration that brought the worker to a hop.
-PHASE_COLUMNS: tuple[str, ...] = STAMPS
+from nsexp import publish
+from nsexp.publish import meta_value
+from nsexp.publish import read_csv as _read_csv
+from nsexp.records import (
+    HOP_COLUMNS,
+    HOPS_FILE,
+    PROCESS_COLUMNS,
+    PROCESSES_FILE,
+    RUN_FILE,
+    STAMPS,
+)
 
 #: Columns of the paper's hop table (see :func:`hop_table`).
 HOP_TABLE_COLUMNS: tuple[str, ...] = (
@@ -37,6 +38,8 @@ HOP_TABLE_COLUMNS: tuple[str, ...] = (
     "ns",
     "value",
     "pid",
+    "global_pid",
+    "start_time",
     "runs",
     "agree",
     "failed",
@@ -56,7 +59,7 @@ _INT_COLUMNS = (
     "failed",
     "expected_value",
     "expected_pid",
-    *PHASE_COLUMNS,
+    *STAMPS,
 )
 _STR_COLUMNS = (
     "run_id",
@@ -70,9 +73,6 @@ _STR_COLUMNS = (
     "role",
     "state",
 )
-
-#: Above this many rows a table is written as Parquet rather than CSV.
-CSV_MAX_ROWS = 10_000
 
 
 @dataclass
@@ -137,11 +137,6 @@ def _ensure_columns(df: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
     return df[[*columns, *rest]]
 
 
-def _read_csv(path: Path) -> pd.DataFrame:
-    # keep_default_na=False + na_values=[""] so that a namespace called e.g. "NA" stays a string.
-    return pd.read_csv(path, keep_default_na=False, na_values=[""])
-
-
 def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read ``run.json`` of a run folder (an empty dict if there is none)."""
     p = Path(path) / RUN_FILE
@@ -170,7 +165,7 @@ def read_run(path: str | os.PathLike[str]) -> Run:
         or (hops["run_id"].dropna().iloc[0] if _has(hops, "run_id") else folder.name)
     )
     for col in ("run_id", "backend", "testbed", "kernel"):
-        default = run_id if col == "run_id" else _meta_value(meta, col)
+        default = run_id if col == "run_id" else meta_value(meta, col)
         if col not in hops.columns:
             hops[col] = default
         elif default is not None:
@@ -193,18 +188,6 @@ def _has(df: pd.DataFrame, col: str) -> bool:
     return col in df.columns and df[col].notna().any()
 
 
-def _meta_value(meta: Mapping[str, Any], key: str) -> Any:
-    """A metadata value by name, tolerating the few spellings a run.json may use."""
-    aliases = {
-        "kernel": ("kernel", "kernel_release", "release"),
-        "code_version": ("code_version", "version", "git"),
-    }
-    for k in aliases.get(key, (key,)):
-        if meta.get(k) not in (None, ""):
-            return meta[k]
-    return None
-
-
 def _scalar(value: Any) -> Any:
     """A value fit for one table cell: nested structures become JSON text."""
     if isinstance(value, (dict, list, tuple)):
@@ -219,8 +202,8 @@ def runs_table(metas: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
         flat = pd.json_normalize(dict(meta), sep=".").to_dict("records")[0] if meta else {}
         row = {"repeat": i, **{k: _scalar(v) for k, v in flat.items()}}
         for key in ("kernel", "code_version"):
-            if key not in row and _meta_value(meta, key) is not None:
-                row[key] = _scalar(_meta_value(meta, key))
+            if key not in row and meta_value(meta, key) is not None:
+                row[key] = _scalar(meta_value(meta, key))
         rows.append(row)
     df = pd.DataFrame(rows)
     front = [c for c in ("repeat", "run_id", "backend", "testbed", "kernel") if c in df.columns]
@@ -279,17 +262,21 @@ def hop_table(hops: pd.DataFrame) -> pd.DataFrame:
     ``runs`` counts those runs and ``agree`` those whose (ns, value, pid) equal the row's.
     A hop that failed in some runs (e.g. CRIU could not restore) counts them in ``failed`` with
     the most common ``error``; if it failed in every run, value and PID stay empty.
+    ``global_pid`` and ``start_time`` are those of the first run that agrees: the start time
+    tells one process that travels (the same at every hop) from a new process per hop.
     """
     ok = ok_mask(hops)
     rows = []
     for hop, g in hops.groupby("hop", sort=True, dropna=True):
         good, bad = g[ok.loc[g.index]], g[~ok.loc[g.index]]
         row: dict[str, Any] = {"hop": hop, "value": pd.NA, "pid": pd.NA, "agree": 0}
+        row.update(global_pid=pd.NA, start_time=pd.NA)
         if len(good):
             key = good[["ns", "value", "pid"]].astype("string").fillna("").apply(tuple, axis=1)
             mode = key.value_counts().index[0]
             first = good[key == mode].iloc[0]
-            row.update(ns=first["ns"], value=first["value"], pid=first["pid"])
+            row.update({c: first.get(c, pd.NA) for c in ("ns", "value", "pid")})
+            row.update({c: first.get(c, pd.NA) for c in ("global_pid", "start_time")})
             row["agree"] = int((key == mode).sum())
         else:
             row["ns"] = bad["ns"].mode().iloc[0] if bad["ns"].notna().any() else pd.NA
@@ -341,7 +328,7 @@ def phase_durations(hops: pd.DataFrame) -> pd.DataFrame:
     skipped, and phases are taken in the order their timestamps say (a backend may, e.g., reply
     before the successor starts), so every duration runs from one timestamp to the next.
     """
-    cols = [c for c in PHASE_COLUMNS if c in hops.columns]
+    cols = [c for c in STAMPS if c in hops.columns]
     rows = []
     for _, row in hops.iterrows():
         present = sorted((c for c in cols if pd.notna(row[c])), key=lambda c: int(row[c]))
@@ -360,123 +347,23 @@ def phase_durations(hops: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["run_id", "hop", "ns", "phase", "start", "end", "ms"])
 
 
-# --- writing tables with provenance --------------------------------------------------------
-
-
-def provenance(
-    source: Runs | Sequence[Mapping[str, Any]] | None = None,
-    command: str | Sequence[str] | None = None,
-    **extra: Any,
-) -> dict[str, Any]:
-    """Provenance of a table: command, backend, testbed, kernel, date, code version, run ids.
-
-    ``source`` is the :class:`Runs` (or the list of run metadata) the table was made from;
-    values that differ between runs are given as lists.
-    """
-    metas = source.meta if isinstance(source, Runs) else list(source or [])
-
-    def collect(key: str) -> Any:
-        vals = []
-        for m in metas:
-            v = _meta_value(m, key)
-            if v is not None and v not in vals:
-                vals.append(v)
-        return vals[0] if len(vals) == 1 else (vals or None)
-
-    if command is None:
-        command = collect("command") or sys.argv
-    if not isinstance(command, str):
-        command = " ".join(str(c) for c in command)
-    prov: dict[str, Any] = {
-        "command": command,
-        "backend": collect("backend"),
-        "testbed": collect("testbed"),
-        "kernel": collect("kernel"),
-        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "code_version": collect("code_version") or code_version(),
-        "run_ids": [str(m.get("run_id")) for m in metas if m.get("run_id") is not None],
-    }
-    prov.update(extra)
-    return prov
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def write_table(
-    df: pd.DataFrame,
-    directory: str | os.PathLike[str],
-    name: str,
-    prov: Mapping[str, Any] | None = None,
-    fmt: str | None = None,
-) -> Path:
-    """Write ``df`` as ``directory/name.csv`` (or ``.parquet``) with its provenance sidecar.
-
-    ``fmt`` is ``"csv"``, ``"parquet"`` or None to choose by size (CSV up to
-    :data:`CSV_MAX_ROWS` rows). Returns the table's path.
-    """
-    if fmt is None:
-        fmt = "csv" if len(df) <= CSV_MAX_ROWS else "parquet"
-    if fmt not in ("csv", "parquet"):
-        raise ValueError(f"unknown table format {fmt!r}")
-    out_dir = Path(directory)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{name}.{fmt}"
-    tmp = path.with_name(path.name + ".tmp")
-    # Write then rename, so that a reader never sees half a table.
-    if fmt == "csv":
-        df.to_csv(tmp, index=False)
-    else:
-        df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
-    side = dict(prov or provenance())
-    side.update(
-        {
-            "file": path.name,
-            "format": fmt,
-            "rows": int(len(df)),
-            "columns": [str(c) for c in df.columns],
-            "sha256": _sha256(path),
-        }
-    )
-    with provenance_path(path).open("w") as f:
-        json.dump(side, f, indent=2, sort_keys=True, default=str)
-        f.write("\n")
-    return path
-
-
-def read_table(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Read a table written by :func:`write_table` with its provenance (empty if none)."""
-    p = Path(path)
-    df = pd.read_parquet(p) if p.suffix == ".parquet" else _read_csv(p)
-    side = provenance_path(p)
-    prov = json.loads(side.read_text()) if side.exists() else {}
-    df = _coerce(df)
-    df.attrs["provenance"] = prov
-    return df, prov
-
-
 def write_runs(
     runs: Runs,
     directory: str | os.PathLike[str],
     prefix: str,
-    command: str | Sequence[str] | None = None,
     prov: Mapping[str, Any] | None = None,
+    replace: bool = False,
     **extra: Any,
 ) -> dict[str, Path]:
     """Write a batch's tidy tables: ``<prefix>_hops``, ``_hop_table``, ``_processes``, ``_runs``
     and, where the runs carry a prediction, ``_expected`` (see :func:`compare_expected`).
 
-    Every table gets the provenance ``prov`` (default: :func:`provenance` of the runs with
-    ``command`` and ``extra``, for example the notebook and its parameters).
+    Every table gets the provenance ``prov`` (default: :func:`nsexp.publish.provenance` of the
+    runs with ``extra``, for example the notebook and its parameters). Tables of another backend
+    or testbed are not replaced unless ``replace`` (see :func:`nsexp.publish.check_replace`).
     """
     if prov is None:
-        prov = provenance(runs, command=command, **extra)
+        prov = publish.provenance(runs, **extra)
     tables = {
         "hops": runs.hops,
         "hop_table": hop_table(runs.hops),
@@ -485,4 +372,9 @@ def write_runs(
     }
     if any(m.get("expected") for m in runs.meta):
         tables["expected"] = compare_expected(runs)
-    return {k: write_table(v, directory, f"{prefix}_{k}", prov) for k, v in tables.items()}
+    for k in tables:  # all or nothing: check every file before writing the first
+        publish.check_replace(Path(directory) / f"{prefix}_{k}.csv", prov, replace)
+    return {
+        k: publish.write_table(v, directory, f"{prefix}_{k}", prov, replace=replace)
+        for k, v in tables.items()
+    }

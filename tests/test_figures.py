@@ -1,4 +1,4 @@
-"""nsexp.plotting writes non-empty figures from small hand-made tables."""
+"""nsexp.experiment.figures draws non-empty figures from small hand-made tables."""
 
 from __future__ import annotations
 
@@ -6,14 +6,11 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pytest
+from run_folders import make_run
 
-from nsexp import io as nio
-from nsexp import plotting
-
-try:  # tests/ may or may not be a package; the helper lives beside this file either way
-    from tests.test_io import make_run
-except ImportError:
-    from test_io import make_run
+from nsexp import publish, records
+from nsexp.experiment import figures
+from nsexp.experiment import tables as nio
 
 
 @pytest.fixture
@@ -30,45 +27,45 @@ def _check(paths: list[Path]) -> None:
 def test_save_figure_creates_dirs(tmp_path: Path) -> None:
     fig, ax = plt.subplots()
     ax.plot([0, 1], [0, 1])
-    _check(plotting.save_figure(fig, tmp_path / "a" / "b" / "line"))
+    _check(publish.save_figure(fig, tmp_path / "a" / "b" / "line"))
     plt.close(fig)
 
 
 def test_hop_table_figure(tmp_path: Path, runs: nio.Runs) -> None:
-    fig = plotting.plot_hop_table(runs.hops)
+    fig = figures.plot_hop_table(runs.hops)
     texts = {c.get_text().get_text() for c in fig.axes[0].tables[0].get_celld().values()}
     assert {"NS2", "100", "3", "NS5", "400", "7", "2/2"} <= texts
-    _check(plotting.save_figure(fig, tmp_path / "fig" / "hop_table"))
+    _check(publish.save_figure(fig, tmp_path / "fig" / "hop_table"))
     plt.close(fig)
 
 
 def test_process_trees_figure(tmp_path: Path, runs: nio.Runs) -> None:
-    fig = plotting.plot_process_trees(runs.processes, runs.hops)
+    fig = figures.plot_process_trees(runs.processes, runs.hops)
     assert len([ax for ax in fig.axes if ax.get_title()]) == 4  # one panel per snapshot
     texts = " ".join(t.get_text() for t in fig.findobj(plt.Text))
     assert "worker 3" in texts and "worker 7" in texts
-    _check(plotting.save_figure(fig, tmp_path / "trees"))
+    _check(publish.save_figure(fig, tmp_path / "trees"))
     plt.close(fig)
 
 
 def test_phase_timings_figure(tmp_path: Path, runs: nio.Runs) -> None:
-    fig = plotting.plot_phase_timings(runs.hops)
+    fig = figures.plot_phase_timings(runs.hops)
     assert fig is not None
-    _check(plotting.save_figure(fig, tmp_path / "phases"))
+    _check(publish.save_figure(fig, tmp_path / "phases"))
     plt.close(fig)
 
 
 def test_phase_timings_absent(tmp_path: Path) -> None:
     run = nio.read_run(make_run(tmp_path / "n", phases=False))
-    assert plotting.plot_phase_timings(run.hops) is None
+    assert figures.plot_phase_timings(run.hops) is None
 
 
 def test_empty_tables(tmp_path: Path) -> None:
     run = nio.read_run(make_run(tmp_path / "r"))
-    fig = plotting.plot_process_trees(run.processes.iloc[0:0])
-    _check(plotting.save_figure(fig, tmp_path / "empty_tree"))
-    fig = plotting.plot_hop_table(run.hops.iloc[0:0])
-    _check(plotting.save_figure(fig, tmp_path / "empty_table"))
+    fig = figures.plot_process_trees(run.processes.iloc[0:0])
+    _check(publish.save_figure(fig, tmp_path / "empty_tree"))
+    fig = figures.plot_hop_table(run.hops.iloc[0:0])
+    _check(publish.save_figure(fig, tmp_path / "empty_table"))
     plt.close("all")
 
 
@@ -76,23 +73,23 @@ def test_hop_table_figure_shows_failures(tmp_path: Path) -> None:
     import pandas as pd
 
     folder = make_run(tmp_path / "c", backend="criu")
-    df = pd.read_csv(folder / nio.HOPS_FILE, dtype={"error": object, "pid": object})
+    df = pd.read_csv(folder / records.HOPS_FILE, dtype={"error": object, "pid": object})
     df.loc[1, ["status", "error", "pid"]] = ["failed", "Can't fork for 3: File exists", None]
-    df.to_csv(folder / nio.HOPS_FILE, index=False)
-    fig = plotting.plot_hop_table(nio.read_run(folder).hops)
+    df.to_csv(folder / records.HOPS_FILE, index=False)
+    fig = figures.plot_hop_table(nio.read_run(folder).hops)
     cells = {c.get_text().get_text() for c in fig.axes[0].tables[0].get_celld().values()}
     assert {"Failed", "1/1 [1]", "-"} <= cells
     assert any("File exists" in t.get_text() for t in fig.texts)
-    _check(plotting.save_figure(fig, tmp_path / "criu_table"))
+    _check(publish.save_figure(fig, tmp_path / "criu_table"))
     plt.close(fig)
 
 
 def test_save_figures_with_provenance(tmp_path: Path, runs: nio.Runs) -> None:
     import json
 
-    prov = nio.provenance(runs, command="test")
-    figs = {"table": plotting.plot_hop_table(runs.hops), "none": None}
-    paths = plotting.save_figures(figs, tmp_path, "x", provenance=prov)
+    prov = publish.provenance(runs, command="test")
+    figs = {"table": figures.plot_hop_table(runs.hops), "none": None}
+    paths = publish.save_figures(figs, tmp_path, "x", provenance=prov)
     assert [p.name for p in paths] == ["x_table.pdf", "x_table.png"]
     side = json.loads((tmp_path / "x_table.provenance.json").read_text())
     assert side["files"] == ["x_table.pdf", "x_table.png"] and side["backend"] == "kmod"

@@ -1,5 +1,0 @@
-"""``python -m nsexp.experiment``."""
-
-from nsexp.experiment import main
-
-raise SystemExit(main())
