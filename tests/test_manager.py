@@ -384,6 +384,22 @@ def test_manager_killed_then_restarted(sock, tmp_path):
         assert wait_for(lambda: len(h.live_pids()) == 2)
 
 
+def test_half_frame_behind_a_busy_request_waits_without_spinning(sock, three_ns):
+    """A stalled frame is timed from when its connection is read again, and the loop sleeps."""
+    slow_hook = lambda peer, record: time.sleep(1.5)  # noqa: E731 - served in the pool
+    with Manager(sock, Echo(), three_ns.namespaces, read_timeout=0.5, on_record=slow_hook):
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(10)
+            s.connect(sock)
+            cpu0, t0 = time.process_time(), time.monotonic()
+            record = protocol.encode({"op": "record", "record": {}})
+            s.sendall(record + protocol.encode({"op": "ping"})[:5])  # one read: both
+            assert protocol.recv_msg(s)["ok"]
+            assert protocol.recv_msg(s)["error"]["code"] == "timeout"
+            assert time.monotonic() - t0 > 1.5
+            assert time.process_time() - cpu0 < 0.5
+
+
 def test_sender_named_per_message_on_one_connection(sock, three_ns, tmp_path):
     """A connection opened here (global namespace) and inherited by a process forked into A (the
     host's analogue of a process that moved): each request is answered for its own sender."""

@@ -252,7 +252,12 @@ class Manager:
             self._sel.close()
 
     def _select_timeout(self) -> float | None:
-        started = [c.partial_since for c in self._conns.values() if c.partial_since is not None]
+        # A busy connection is not read (its pool thread owns it): its clock waits.
+        started = [
+            c.partial_since
+            for c in self._conns.values()
+            if c.partial_since is not None and not c.busy
+        ]
         if not started:
             return None
         return max(0.0, min(started) + self.read_timeout - time.monotonic())
@@ -333,7 +338,9 @@ class Manager:
     def _expire_partial_frames(self) -> None:
         now = time.monotonic()
         for conn in list(self._conns.values()):
-            if conn.partial_since is not None and now - conn.partial_since > self.read_timeout:
+            if conn.busy or conn.partial_since is None:
+                continue
+            if now - conn.partial_since > self.read_timeout:
                 log.warning("a frame was not completed within %.1fs: dropped", self.read_timeout)
                 conn.partial_since = None
                 conn.pending.clear()
