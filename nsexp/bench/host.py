@@ -102,30 +102,34 @@ def _meta(bed: tb.Testbed, code: str, params: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run_with_progress(bed: tb.Testbed, commands: list[str], out_dir: Path, **kw: Any):
-    """run_batch in a thread while this one prints the guest's progress.log as it grows."""
-    box: dict[str, Any] = {}
+    """run_batch while a thread prints the guest's progress.log as it grows.
 
-    def target() -> None:
-        try:
-            box["batch"] = bed.run_batch(commands, out_dir=out_dir, **kw)
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
-            box["error"] = exc
-
+    run_batch keeps the main thread, so that Ctrl-C reaches the testbed, which stops the VM.
+    """
     log = out_dir / "progress.log"
     log.unlink(missing_ok=True)
-    t = threading.Thread(target=target, daemon=True)
+    done = threading.Event()
     t0 = time.monotonic()
-    t.start()
-    seen = 0
-    while t.is_alive():
-        t.join(2.0)
-        lines = log.read_text().splitlines() if log.exists() else []
-        for line in lines[seen:]:
-            print(f"  [{time.monotonic() - t0:5.0f}s] {line}", flush=True)
-        seen = max(seen, len(lines))
-    if "error" in box:
-        raise box["error"]
-    return box["batch"]
+
+    def tail() -> None:
+        seen = 0
+        while not done.wait(2.0) or seen < _lines(log):
+            lines = log.read_text().splitlines() if log.exists() else []
+            for line in lines[seen:]:
+                print(f"  [{time.monotonic() - t0:5.0f}s] {line}", flush=True)
+            seen = max(seen, len(lines))
+
+    printer = threading.Thread(target=tail, daemon=True)
+    printer.start()
+    try:
+        return bed.run_batch(commands, out_dir=out_dir, **kw)
+    finally:
+        done.set()
+        printer.join(5.0)
+
+
+def _lines(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
 
 
 def _guest_command(bench: str, work: Path, params: dict[str, Any]) -> str:
