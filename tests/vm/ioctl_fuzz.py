@@ -147,7 +147,9 @@ class Worker:
         if kind < 0.08:
             return uapi.IOC_MIGRATE, bytearray(rng.getrandbits(8) for _ in range(64))
         flags = rng.choice([0, 0, 0, uapi.F_PIDFD, uapi.F_PARENT, uapi.F_LEAVE_PARENT])
-        flags |= rng.choice([0, 0, 0, 0, uapi.F_PIDFD, uapi.F_PARENT, 1 << rng.randrange(32)])
+        flags |= rng.choice([0] * 6 + [uapi.F_PIDFD, uapi.F_PARENT])
+        if rng.random() < 0.03:
+            flags |= 1 << rng.randrange(32)  # an unknown flag: EINVAL
         victim = rng.choice(self.victims)
         if flags & uapi.F_PIDFD:
             pid = rng.choice([victim] * 8 + [-1, 999, self.rng.choice(self.dead_ns_fds or [-1])])
@@ -163,8 +165,8 @@ class Worker:
         if rng.random() < 0.01:
             timeout = uapi.MAX_TIMEOUT_NS + 1
         req = uapi.NsmigrateReq(
-            size=rng.choice([FULL] * 8 + [uapi.REQ_SIZE_VER1] * 4 + [0, 63, 65, 4096, 4097]),
-            version=rng.choice([2, 2, 2, 1, 0, 3]),
+            size=rng.choice([FULL] * 14 + [uapi.REQ_SIZE_VER1] * 4 + [0, 63, 65, 4096, 4097]),
+            version=rng.choice([uapi.ABI_VERSION] * 8 + [1, 1, 0, uapi.ABI_VERSION + 1]),
             flags=flags,
             pid=pid,
             target_fd=target,
@@ -209,7 +211,7 @@ class Worker:
         for i in range(n):
             if i % 100 == 0:
                 self.reap()
-            if i % 2000 == 1999:
+            if i % 300 == 299:
                 self.kill_namespace()
                 self.new_namespace()
             self.call(dev)
