@@ -148,8 +148,10 @@ class Worker:
             return uapi.IOC_MIGRATE, bytearray(rng.getrandbits(8) for _ in range(64))
         flags = rng.choice([0, 0, 0, uapi.F_PIDFD, uapi.F_PARENT, uapi.F_LEAVE_PARENT])
         flags |= rng.choice([0] * 6 + [uapi.F_PIDFD, uapi.F_PARENT])
+        if rng.random() < 0.1:
+            flags |= uapi.F_ALL & rng.getrandbits(16)  # any flag this ABI knows
         if rng.random() < 0.03:
-            flags |= 1 << rng.randrange(32)  # an unknown flag: EINVAL
+            flags |= 1 << rng.randrange(32)  # maybe an unknown flag: EINVAL
         victim = rng.choice(self.victims)
         if flags & uapi.F_PIDFD:
             pid = rng.choice([victim] * 8 + [-1, 999, self.rng.choice(self.dead_ns_fds or [-1])])
