@@ -91,3 +91,26 @@ def test_command_line(monkeypatch: pytest.MonkeyPatch) -> None:
     assert cmd == "papermill 01.ipynb OUTPUT.ipynb -p backend restart -p n 2"
     monkeypatch.setenv(records.COMMAND_ENV, "nsexp figures -n 01")
     assert records.command_line(notebook="01.ipynb") == "nsexp figures -n 01"
+
+
+ROOT = Path(records.__file__).resolve().parent.parent
+PUBLISHED = sorted(
+    _git(ROOT, "ls-files", "--", "data/*.provenance.json", "figures/*.provenance.json").split()
+)
+
+
+@pytest.mark.parametrize("sidecar", PUBLISHED)
+def test_published_provenance_names_a_commit(sidecar: str) -> None:
+    """Every result in data/ and figures/ names the full hash of a commit in this history, for
+    the code that made it and for the runs it read; never a package version."""
+    import json
+
+    prov = json.loads((ROOT / sidecar).read_text())
+    versions = [prov.get("code_version"), *(prov.get("run_code_versions") or [])]
+    for version in versions:
+        commit = str(version).split("-")[0]
+        assert len(commit) == 40, f"{sidecar}: code version {version!r} is not a commit hash"
+        kind = subprocess.run(
+            ["git", "-C", str(ROOT), "cat-file", "-t", commit], capture_output=True, text=True
+        ).stdout.strip()
+        assert kind == "commit", f"{sidecar}: {commit} is not a commit of this repository"
