@@ -2,17 +2,21 @@
 
 Run inside the VM on the debug kernel (CONFIG_FAILSLAB, CONFIG_FAIL_PAGE_ALLOC,
 CONFIG_FAULT_INJECTION_DEBUG_FS, CONFIG_FAULT_INJECTION_STACKTRACE_FILTER), as root with the
-module loaded:
+module loaded (and the kernel booted with slab_nomerge):
     python3 tests/vm/fault_injection.py OUT_DIR
 It writes OUT_DIR/fault_injection.json; tests/test_kmod_debug.py makes the assertions.
 
-Each path is one allocation a migration makes, failed on purpose: failslab (or
-fail_page_alloc) with probability 100, a ``times`` budget, the task filter (only the task
-whose /proc/PID/make-it-fail is 1: the caller for the request's own allocation, the moving
-process for the switch's) and a stack filter (require-start/require-end: only allocations
-called from the named function). Per attempt it records the errno, how many failures were
-injected (the drop of ``times``), the process as seen before and after (PIDs, parent,
-namespaces, session, its own state), and the /proc/nsmigrate counters. Standard library only.
+Each path is one allocation a migration makes, failed on purpose: failslab with probability
+100, a ``times`` budget, the task filter (only the task whose /proc/PID/make-it-fail is 1: the
+caller for the request's own allocation, the moving process for the switch's), a stack filter
+(require-start/require-end: only allocations called from the named function) and the cache
+filter (only the slab caches of that allocation; boot with ``slab_nomerge`` so that each cache is
+its own). The cache filter keeps kmemleak's and debugobjects' own bookkeeping allocations out:
+failing those would switch kmemleak off. fail_page_alloc is not used for the same reason (a new
+slab page for kmemleak's metadata is allocated on the same stacks). Per attempt it records the
+errno, how many failures were injected (the drop of ``times``), the process as seen before and
+after (PIDs, parent, namespaces, session, its own state), and the /proc/nsmigrate counters.
+Standard library only.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import bisect
 import errno
 import json
 import os
+import re
 import sys
 import time
 import traceback
@@ -97,30 +102,31 @@ class Kallsyms:
 
 
 class Fault:
-    """One of the kernel's fault-injection attributes (failslab, fail_page_alloc)."""
+    """The kernel's failslab attribute (/sys/kernel/debug/failslab)."""
 
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.dir = f"{DEBUGFS}/{name}"
+    def __init__(self) -> None:
+        self.dir = f"{DEBUGFS}/failslab"
+        self.caches: list[str] = []
 
     def set(self, name: str, value) -> None:
         _write(f"{self.dir}/{name}", value)
 
-    def arm(self, require: tuple[int, int], *, space: int = 0, times: int = BUDGET) -> None:
+    def arm(self, require: tuple[int, int], caches: list[str], *, times: int = BUDGET) -> None:
         self.set("probability", 0)
+        self.caches = caches
+        self.set("cache-filter", "Y")
+        for c in caches:
+            _write(f"/sys/kernel/slab/{c}/failslab", 1)  # EINVAL if merged: boot slab_nomerge
         self.set("interval", 1)
         self.set("task-filter", "Y")
         self.set("ignore-gfp-wait", "N")  # GFP_KERNEL allocations may sleep: include them
-        if self.name == "fail_page_alloc":
-            self.set("ignore-gfp-highmem", "N")
-            self.set("min-order", 0)
         self.set("verbose", 1)  # one line per failure, no stack: the log stays scannable
         self.set("stacktrace-depth", 32)
         self.set("require-start", require[0])
         self.set("require-end", require[1])
         self.set("reject-start", 0)
         self.set("reject-end", 0)
-        self.set("space", space)
+        self.set("space", 0)
         self.set("times", times)
         self.set("probability", 100)
 
@@ -131,6 +137,8 @@ class Fault:
         self.set("times", 1)
         self.set("require-start", 0)
         self.set("require-end", 0)
+        for c in self.caches:
+            _write(f"/sys/kernel/slab/{c}/failslab", 0)
         return BUDGET - left
 
 
@@ -151,8 +159,9 @@ def snapshot(subject: Subject, ns: Namespace) -> dict:
     }
 
 
-def slab_size(cache: str) -> int:
-    return int(_read(f"/sys/kernel/slab/{cache}/object_size"))
+def kmalloc_caches() -> list[str]:
+    """The plain kmalloc caches (kzalloc(GFP_KERNEL) comes from one of them)."""
+    return sorted(c for c in os.listdir("/sys/kernel/slab") if re.fullmatch(r"kmalloc-\d+k?", c))
 
 
 def paths(ks: Kallsyms, target_level: int) -> list[dict]:
@@ -160,51 +169,45 @@ def paths(ks: Kallsyms, target_level: int) -> list[dict]:
     pid_cache = "pid" if target_level == 0 else f"pid_{target_level + 1}"
     return [
         # the request's bookkeeping, allocated in the caller (nsm_work_alloc)
-        {"path": "work", "fault": "failslab", "side": "caller", "require": ks.module_text()},
+        {
+            "path": "work",
+            "side": "caller",
+            "require": ks.module_text(),
+            "caches": kmalloc_caches(),
+        },
         # the moving task's new nsproxy (create_new_namespaces), in the task's task work
         {
             "path": "nsproxy",
-            "fault": "failslab",
             "side": "mover",
             "require": ks.function("create_new_namespaces"),
+            "caches": ["nsproxy"],
         },
         # the new struct pid (alloc_pid's first allocation)
-        {"path": "pid", "fault": "failslab", "side": "mover", "require": ks.function("alloc_pid")},
-        # the same allocation failing in the page allocator instead of the slab layer: only
-        # when the pid cache needs a new slab, which shrinking it first makes likely
         {
-            "path": "pid_page",
-            "fault": "fail_page_alloc",
+            "path": "pid",
             "side": "mover",
             "require": ks.function("alloc_pid"),
-            "shrink": pid_cache,
-            "required": False,
+            "caches": [pid_cache],
         },
-        # the pid numbers (idr nodes) after the struct pid: skipped by the ``space`` budget;
-        # the idr falls back to its per-CPU preloaded nodes, so this may not fail at all
+        # the pid numbers: idr nodes; the idr falls back to its per-CPU preloaded nodes, so
+        # this allocation may fail without failing the migration (recorded, not required)
         {
             "path": "pid_number",
-            "fault": "failslab",
             "side": "mover",
             "require": ks.function("alloc_pid"),
-            "space": slab_size(pid_cache) + 1,
+            "caches": ["radix_tree_node"],
             "required": False,
         },
     ]
 
 
 def attempt(p: dict, subject: Subject, a: Namespace, b: Namespace) -> dict:
-    fault = Fault(p["fault"])
+    fault = Fault()
     who = os.getpid() if p["side"] == "caller" else subject.gpid
     before = snapshot(subject, a)
     counters_before = stats()
-    if p.get("shrink"):
-        try:
-            _write(f"/sys/kernel/slab/{p['shrink']}/shrink", 1)
-        except OSError:
-            pass
     make_it_fail(who, True)
-    fault.arm(p["require"], space=p.get("space", 0))
+    fault.arm(p["require"], p["caches"])
     try:
         err = migrate_errno(subject.gpid, b.path, timeout=30)
     finally:
