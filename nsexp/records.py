@@ -182,7 +182,8 @@ def command_line(
     ``NSEXP_COMMAND`` wins when set (``nsexp figures`` sets it for the notebooks it executes).
     In a notebook ``sys.argv`` is only the Jupyter kernel's launcher, so a notebook passes its
     own name and parameters, recorded as the papermill command that reproduces the run.
-    Otherwise ``argv`` (default ``sys.argv``) with the program's base name.
+    Otherwise ``argv`` (default ``sys.argv``, ``python3 -m X ...`` for a module run with -m)
+    with the program's base name.
     """
     if os.environ.get(COMMAND_ENV):
         return os.environ[COMMAND_ENV]
@@ -193,6 +194,9 @@ def command_line(
             words += ["-p", str(key), text]
         return shlex.join(words)
     args = list(sys.argv if argv is None else argv)
-    if args and args[0]:
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if argv is None and spec is not None and spec.name:  # python -m X: say so
+        args[:1] = ["python3", "-m", spec.name.removesuffix(".__main__")]
+    elif args and args[0]:
         args[0] = Path(args[0]).name
     return shlex.join(args) if args else UNKNOWN

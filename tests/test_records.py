@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from nsexp import records
+
+ROOT = Path(records.__file__).resolve().parent.parent
 
 
 def _git(repo: Path, *args: str) -> str:
@@ -82,6 +86,18 @@ def test_sidecar_and_clear_run_dir(tmp_path: Path) -> None:
     assert sorted(p.name for p in run.iterdir()) == ["keep.txt"]
 
 
+def test_command_line_of_a_module_run_with_m(tmp_path: Path) -> None:
+    pkg = tmp_path / "tool"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "__main__.py").write_text("from nsexp import records\nprint(records.command_line())\n")
+    env = {k: v for k, v in os.environ.items() if k != records.COMMAND_ENV}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(tmp_path)])
+    cmd = [sys.executable, "-m", "tool", "run", "--out", "a b"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "python3 -m tool run --out 'a b'"
+
+
 def test_command_line(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(records.COMMAND_ENV, raising=False)
     assert records.command_line(["/x/.venv/bin/nsexp", "run", "--out", "a b"]) == (
@@ -93,7 +109,6 @@ def test_command_line(monkeypatch: pytest.MonkeyPatch) -> None:
     assert records.command_line(notebook="01.ipynb") == "nsexp figures -n 01"
 
 
-ROOT = Path(records.__file__).resolve().parent.parent
 PUBLISHED = sorted(
     _git(ROOT, "ls-files", "--", "data/*.provenance.json", "figures/*.provenance.json").split()
 )
