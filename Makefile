@@ -16,7 +16,7 @@ help:
 	@echo "make run       set up, build the module, boot the VM, run the paper's experiment ($(OUT))"
 	@echo "make test      set up, then run the whole test suite (PYTEST_ARGS=\"-m 'not vm'\")"
 	@echo "make setup     install what is missing (apt packages, .venv from the lock); idempotent"
-	@echo "make lab       JupyterLab on notebooks/ (http://127.0.0.1:8888)"
+	@echo "make lab       JupyterLab on notebooks/ (http://127.0.0.1:8888; saves without outputs)"
 	@echo "make figures   execute the notebooks with papermill: regenerate data/ and figures/"
 	@echo "make kmod      build kmod/nsmigrate.ko for the default kernel"
 	@echo "make debug-kernel  build (or reuse) the cached debug guest kernel (KASAN, lockdep, ...)"
@@ -38,8 +38,10 @@ test: setup $(NEEDS_DEBUG_KERNEL)
 run: setup
 	$(NSEXP) run --backend kmod --testbed vm --out $(OUT) --figures $(FIGS)
 
+# Saves strip outputs (nsexp/lab.py): a session never writes its results into the tracked notebooks.
 lab: setup
 	$(VENV)/bin/jupyter lab --ip 127.0.0.1 --no-browser --notebook-dir notebooks \
+		--ContentsManager.pre_save_hook=nsexp.lab.strip_outputs \
 		$(if $(filter 0,$(shell id -u)),--allow-root)
 
 figures: setup

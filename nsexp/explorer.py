@@ -183,7 +183,6 @@ class Explorer:
 def show_runs(runs: Runs, display: Any = None) -> None:
     """Display the hop table (with each stop's global PID and start time), what the start
     times say, the process trees and (if recorded) the phase timings."""
-    import matplotlib.pyplot as plt
     from IPython.display import HTML
 
     from nsexp.experiment import figures, tables
@@ -193,13 +192,33 @@ def show_runs(runs: Runs, display: Any = None) -> None:
     display(HTML("<h4>Hop table</h4>"))
     display(tables.hop_table(runs.hops))
     display(HTML(f"<p>{same_process_note(runs.hops)}</p>"))
-    trees = figures.plot_process_trees(runs.processes, runs.hops)
+    trees = _png(figures.plot_process_trees, runs.processes, runs.hops)
     if trees is not None:
         display(HTML("<h4>Process trees, after each stop</h4>"))
         display(trees)
-        plt.close(trees)
-    phases = figures.plot_phase_timings(runs.hops)
+    phases = _png(figures.plot_phase_timings, runs.hops)
     if phases is not None:
         display(HTML("<h4>Phase timings</h4>"))
         display(phases)
-        plt.close(phases)
+
+
+def _png(plot: Any, *args: Any) -> Any:
+    """The figure ``plot(*args)`` draws, as a PNG image to display (None if it drew none).
+
+    The figure never stays in pyplot's registry: under JupyterLab, ipykernel runs requests
+    of other subshells in other threads, and matplotlib-inline's post-execute hook there shows
+    and closes every registered figure, which raced with this drawing (blank images).
+    """
+    import io
+
+    import matplotlib.pyplot as plt
+    from IPython.display import Image
+
+    with plt.ioff():  # no "draw me" flag for that hook
+        fig = plot(*args)
+        if fig is None:
+            return None
+        plt.close(fig)  # out of the registry; the figure itself can still be saved
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    return Image(data=buf.getvalue(), format="png")
