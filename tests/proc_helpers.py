@@ -35,3 +35,13 @@ def wait_for(cond, timeout=5.0):
             return True
         time.sleep(0.01)
     return False
+
+
+def child_exit(fn) -> None:
+    """In a forked child: run ``fn``, then leave with 0 (or 1 if it raised), never returning."""
+    code = 0
+    try:
+        fn()
+    except BaseException:  # noqa: BLE001 - the parent sees the exit code
+        code = 1
+    os._exit(code)

@@ -91,3 +91,12 @@ def make_run(folder: Path, run_id: str = "r1", backend: str = "kmod", phases: bo
     }
     (folder / records.RUN_FILE).write_text(json.dumps(meta))
     return folder
+
+
+def make_failed_run(folder: Path) -> Path:
+    """A criu run folder whose hop 1 failed as CRIU reports it (no PID, CRIU's words)."""
+    make_run(folder, backend="criu")
+    df = pd.read_csv(folder / records.HOPS_FILE, dtype={"error": object, "pid": object})
+    df.loc[1, ["status", "error", "pid"]] = ["failed", "Can't fork for 3: File exists", None]
+    df.to_csv(folder / records.HOPS_FILE, index=False)
+    return folder

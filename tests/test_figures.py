@@ -6,9 +6,9 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pytest
-from run_folders import make_run
+from run_folders import make_failed_run, make_run
 
-from nsexp import publish, records
+from nsexp import publish
 from nsexp.experiment import figures
 from nsexp.experiment import tables as nio
 
@@ -70,12 +70,7 @@ def test_empty_tables(tmp_path: Path) -> None:
 
 
 def test_hop_table_figure_shows_failures(tmp_path: Path) -> None:
-    import pandas as pd
-
-    folder = make_run(tmp_path / "c", backend="criu")
-    df = pd.read_csv(folder / records.HOPS_FILE, dtype={"error": object, "pid": object})
-    df.loc[1, ["status", "error", "pid"]] = ["failed", "Can't fork for 3: File exists", None]
-    df.to_csv(folder / records.HOPS_FILE, index=False)
+    folder = make_failed_run(tmp_path / "c")
     fig = figures.plot_hop_table(nio.read_run(folder).hops)
     cells = {c.get_text().get_text() for c in fig.axes[0].tables[0].get_celld().values()}
     assert {"Failed", "1/1 [1]", "-"} <= cells

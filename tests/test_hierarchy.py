@@ -18,7 +18,7 @@ from nsexp.hierarchy import Hierarchy, NamespacePlan
 PAPER = [("NS2", 2), ("NS3", 3), ("NS4", 4), ("NS5", 5)]
 
 
-from proc_helpers import no_children_left, wait_for, write_json  # noqa: F401, E402
+from proc_helpers import child_exit, no_children_left, wait_for, write_json  # noqa: F401, E402
 
 
 def write_self(path: Path, extra: dict | None = None) -> None:
@@ -164,12 +164,7 @@ def test_fork_pidns_init_from_an_init_nests_and_restores(tmp_path):
     depth = len(nsutil.self_info().nspids)
     pid = nsutil.fork_pidns_init()
     if pid == 0:
-        code = 0
-        try:
-            outer_init()
-        except BaseException:  # noqa: BLE001
-            code = 1
-        os._exit(code)
+        child_exit(outer_init)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert nsutil.ns_inode() == nsutil.ns_inode(os.getpid())  # ours, unchanged

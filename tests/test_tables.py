@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from run_folders import PAPER, make_run  # noqa: E402
+from run_folders import PAPER, make_failed_run, make_run  # noqa: E402
 
 from nsexp import publish, records
 from nsexp.experiment import tables as nio
@@ -57,10 +57,7 @@ def test_concat_and_hop_table(tmp_path: Path) -> None:
 
 
 def test_hop_table_skips_failed_hops(tmp_path: Path) -> None:
-    folder = make_run(tmp_path / "c", backend="criu")
-    df = pd.read_csv(folder / records.HOPS_FILE, dtype={"error": object, "pid": object})
-    df.loc[1, ["status", "error", "pid"]] = ["failed", "Can't fork for 3: File exists", None]
-    df.to_csv(folder / records.HOPS_FILE, index=False)
+    folder = make_failed_run(tmp_path / "c")
     table = nio.hop_table(nio.read_run(folder).hops)
     assert table["hop"].tolist() == [0, 1, 2, 3]
     failed = table.iloc[1]

@@ -119,33 +119,38 @@ def _run_dirs(
             for d in dirs
         ]
     if name == "vm":
-        return _run_vm(spec, backend, testbed, dirs, timeout, kernel, echo, command, version)
+        from nsexp import testbed as tb
+
+        bed = tb.get_testbed("vm", kernel=kernel) if isinstance(testbed, str) else testbed
+        inner = timeout if timeout is not None else spec.guest_timeout(backend)
+        commands = [
+            guest_command(
+                spec,
+                backend,
+                records.clear_run_dir(d),
+                timeout=inner,
+                code_version=version,
+                command=command,
+                echo=echo,
+            )
+            for d in dirs
+        ]
+        identity = {"code_version": version, "command": command}
+        return _run_vm(bed, backend, dirs, commands, inner, echo, identity)
     raise LayoutError(f"unknown testbed {testbed!r} (choose from {', '.join(TESTBEDS)})")
 
 
 def _run_vm(
-    spec: LayoutSpec,
+    bed: Any,
     backend: str,
-    testbed: Any,
     dirs: Sequence[Path],
-    timeout: float | None,
-    kernel: str | None,
+    commands: Sequence[str],
+    inner: float,
     echo: bool,
-    command: str,
-    version: str,
+    identity: dict[str, str],
 ) -> list[RunResult]:
-    """Every run of ``dirs`` in one boot; the boot's facts go into each run.json."""
-    from nsexp import testbed as tb
-
-    bed = tb.get_testbed("vm", kernel=kernel) if isinstance(testbed, str) else testbed
-    inner = timeout if timeout is not None else spec.guest_timeout(backend)
-    commands = []
-    for d in dirs:
-        records.clear_run_dir(d)
-        cmd = guest_command(
-            spec, backend, d, timeout=inner, code_version=version, command=command, echo=echo
-        )
-        commands.append(cmd)
+    """The guest ``commands`` (one run each, into ``dirs``) in one boot of ``bed``; the boot's
+    facts go into each run.json. ``inner`` bounds each run in the guest."""
     base = dirs[0] if len(dirs) == 1 else dirs[0].parent
     print(f"booting the VM ({bed.kernel_release()}) for {len(dirs)} run(s) ...", flush=True)
     batch = bed.run_batch(
@@ -174,12 +179,12 @@ def _run_vm(
             "batch_index": i,
             "batch_size": len(dirs),
         }
-        results.append(_vm_result(d, backend, facts, res.stderr, version, command))
+        results.append(_vm_result(d, backend, facts, res.stderr, identity))
     return results
 
 
 def _vm_result(
-    out: Path, backend: str, facts: dict[str, Any], stderr: str, version: str, command: str
+    out: Path, backend: str, facts: dict[str, Any], stderr: str, identity: dict[str, str]
 ) -> RunResult:
     """Read back one guest run, add the boot's facts and the host's verdict to its run.json."""
     path = out / records.RUN_FILE
@@ -193,8 +198,7 @@ def _vm_result(
             backend=backend,
             testbed="vm",
             kernel=facts["kernel_release"],
-            code_version=version,
-            command=command,
+            **identity,
         )
     if backend == "kmod" and not facts["module_loaded"]:
         error = error or "the nsmigrate module could not be loaded in the guest"
