@@ -239,7 +239,8 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def _figures(args: argparse.Namespace) -> int:
+def cmd_figures(args: argparse.Namespace) -> int:
+    """``nsexp figures``: execute the chosen notebooks; exit 1 naming the error if one fails."""
     params = iter_parameters(args.parameter or [])
     try:
         notebooks = list_notebooks(args.notebooks_dir, args.notebook)
@@ -312,7 +313,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--log-output", action="store_true", help="stream the cells' output")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--list", action="store_true", help="list the notebooks and exit")
-    p.set_defaults(func=_figures)
+    p.set_defaults(func=cmd_figures)
 
 
 def iter_parameters(pairs: Iterable[tuple[str, str]]) -> dict[str, Any]:
