@@ -13,13 +13,27 @@
 #include <linux/types.h>
 
 #define NSMIGRATE_DEVICE	"/dev/nsmigrate"
-#define NSMIGRATE_ABI_VERSION	1
+#define NSMIGRATE_ABI_VERSION	2
 
 /* @pid is a pidfd rather than a PID in the caller's namespace. */
 #define NSMIGRATE_F_PIDFD	_BITUL(0)
 /* @parent is the PID (in the caller's namespace) of the new parent. */
 #define NSMIGRATE_F_PARENT	_BITUL(1)
-#define NSMIGRATE_F_ALL		(NSMIGRATE_F_PIDFD | NSMIGRATE_F_PARENT)
+/*
+ * ABI 2: the old parent may be any process. Without this flag the move is
+ * refused (EBUSY) unless the old parent is a PID namespace init or the
+ * caller: any other parent would see its child vanish without an exit
+ * status (wait() returns ECHILD, no SIGCHLD).
+ */
+#define NSMIGRATE_F_LEAVE_PARENT	_BITUL(2)
+/*
+ * ABI 2: also join the mount namespace of @mntns_fd (an fd of a
+ * /proc/PID/ns/mnt file), as setns(2) would, so that /proc, ps and
+ * getpid() agree in the target. Root and cwd become that namespace's root.
+ */
+#define NSMIGRATE_F_MNTNS	_BITUL(3)
+#define NSMIGRATE_F_ALL		(NSMIGRATE_F_PIDFD | NSMIGRATE_F_PARENT | \
+				 NSMIGRATE_F_LEAVE_PARENT | NSMIGRATE_F_MNTNS)
 
 /* Waiting longer than this is refused with EINVAL. */
 #define NSMIGRATE_MAX_TIMEOUT_NS	(60ULL * 1000 * 1000 * 1000)
@@ -29,7 +43,8 @@
 /**
  * struct nsmigrate_req - one migration request, in and out.
  * @size:	sizeof(struct nsmigrate_req) as the caller knows it.
- * @version:	NSMIGRATE_ABI_VERSION.
+ * @version:	the ABI version the caller speaks: 1 or 2 (2 may use the
+ *		flags and fields marked ABI 2).
  * @flags:	NSMIGRATE_F_*.
  * @pid:	the process: a PID in the caller's namespace, or a pidfd.
  * @target_fd:	the target namespace: an fd of a /proc/PID/ns/pid file, or
@@ -42,6 +57,8 @@
  * @t_queued_ns: out: CLOCK_MONOTONIC when the switch was queued.
  * @t_switch_start_ns: out: when the process started switching.
  * @t_switch_done_ns: out: when the switch was complete.
+ * @mntns_fd:	ABI 2, with NSMIGRATE_F_MNTNS: the mount namespace to join.
+ * @reserved:	must be 0.
  */
 struct nsmigrate_req {
 	__u32 size;
@@ -56,13 +73,22 @@ struct nsmigrate_req {
 	__u64 t_queued_ns;
 	__u64 t_switch_start_ns;
 	__u64 t_switch_done_ns;
+	__s32 mntns_fd;
+	__u32 reserved;
 };
 
 #define NSMIGRATE_REQ_SIZE_VER1	64
+#define NSMIGRATE_REQ_SIZE_VER2	72
 
 #define NSMIGRATE_IOC_MAGIC	0xB7
 /* Returns NSMIGRATE_ABI_VERSION. */
 #define NSMIGRATE_IOC_VERSION	_IO(NSMIGRATE_IOC_MAGIC, 0)
-#define NSMIGRATE_IOC_MIGRATE	_IOWR(NSMIGRATE_IOC_MAGIC, 1, struct nsmigrate_req)
+/*
+ * The size in the command number is frozen at the first version's: a
+ * larger struct is announced by @size, never by a new command number.
+ */
+#define NSMIGRATE_IOC_MIGRATE	_IOC(_IOC_READ | _IOC_WRITE, \
+				     NSMIGRATE_IOC_MAGIC, 1, \
+				     NSMIGRATE_REQ_SIZE_VER1)
 
 #endif /* _UAPI_NSMIGRATE_H */

@@ -13,20 +13,26 @@ from dataclasses import dataclass
 
 from nsexp import uapi
 
-# Why the kernel refused, in the words of DESIGN.md's migration semantics.
+# Why the kernel refused (kmod/README.md lists every case; /proc/nsmigrate counts them).
 _HINTS = {
-    errno.ESRCH: "no such process, or it exited before the switch",
-    errno.EINVAL: "a kernel thread, a namespace init, already in the target namespace, "
-    "or the target is not a PID namespace",
-    errno.EPERM: "needs CAP_SYS_ADMIN over both namespaces, and the target namespace must be "
-    "visible from the caller's",
-    errno.EBUSY: "not supported in ABI v1: a multi-threaded process, one with children, "
-    "one being traced or tracing, or a vfork child",
-    errno.ENXIO: "the target namespace's init has died",
+    errno.ESRCH: "no such process, it exited before the switch, or the chosen parent is gone",
+    errno.EINVAL: "a kernel thread or io_uring worker, a namespace init, already in the target "
+    "namespace, the target is not a PID namespace, an unfit parent, or a bad request",
+    errno.EPERM: "needs CAP_SYS_ADMIN over both namespaces, ptrace access to the process "
+    "(PTRACE_MODE_ATTACH_REALCREDS), and the target namespace visible from the caller's",
+    errno.EBUSY: "a multi-threaded process, one with children, one being traced or tracing, a "
+    "vfork child, a parent that is neither a namespace init nor the caller "
+    "(pass leave_parent=True to allow it), or another process's CPU-clock timer on its clock; "
+    "the busy_* lines of /proc/nsmigrate say which",
+    errno.ENXIO: "the target namespace has no init (not yet, or it died)",
     errno.ETIMEDOUT: "the process did not reach a safe point in time "
     "(stopped, or in uninterruptible sleep); it was left as it was",
     errno.EINTR: "interrupted while waiting; the process was left as it was",
     errno.EBADF: "not an open file descriptor",
+    errno.EFAULT: "the request is not readable or the reply not writable",
+    errno.E2BIG: "a newer request with fields this module does not know",
+    errno.ENOTTY: "not an nsmigrate device, or an unknown command",
+    errno.ENOMEM: "the kernel is out of memory (or the target namespace cannot take more PIDs)",
 }
 
 
@@ -75,20 +81,23 @@ def __migrate(
     flags: int = 0,
     parent: int = 0,
     timeout_ns: int = 0,
+    mntns_fd: int = -1,
 ) -> Migration:
     """One NSMIGRATE_IOC_MIGRATE call: move process ``pid`` into the namespace of ``target_fd``.
 
-    ``target_fd`` is an open /proc/PID/ns/pid file or a pidfd of a process in the target.
+    ``target_fd`` is an open /proc/PID/ns/pid file or a pidfd of a process in the target;
+    ``mntns_fd`` (with ``uapi.F_MNTNS`` in ``flags``) an open /proc/PID/ns/mnt file.
     Raises OSError (ProcessLookupError, PermissionError, ...) with the kernel's errno.
     """
     req = uapi.NsmigrateReq(
-        size=uapi.REQ_SIZE_VER1,
+        size=uapi.REQ_SIZE_VER2,
         version=uapi.ABI_VERSION,
         flags=flags,
         pid=pid,
         target_fd=target_fd,
         parent=parent,
         timeout_ns=timeout_ns,
+        mntns_fd=mntns_fd,
     )
     buf = bytearray(req)
     try:
@@ -125,6 +134,8 @@ def migrate(
     pidfd: bool = False,
     parent: int | None = None,
     timeout: float | None = None,
+    leave_parent: bool = False,
+    mntns: str | os.PathLike[str] | None = None,
 ) -> Migration:
     """Move the running process ``pid`` into another PID namespace.
 
@@ -132,13 +143,30 @@ def migrate(
     one, or a pidfd of any process in the target namespace. With ``pidfd=True``, ``pid`` is
     itself a pidfd. ``parent`` (a PID as the caller sees it, in the target namespace) becomes
     the new parent instead of the target's init. ``timeout`` bounds the wait, in seconds.
+    ``leave_parent=True`` allows the move when the old parent is neither a namespace init nor
+    the caller: that parent then sees its child vanish with no exit status. ``mntns`` (a
+    ``/proc/PID/ns/mnt`` path) is a mount namespace to join in the same step, as setns(2)
+    would: /proc then matches the target; root and cwd become that namespace's root.
     """
-    flags = (uapi.F_PIDFD if pidfd else 0) | (uapi.F_PARENT if parent is not None else 0)
+    flags = (
+        (uapi.F_PIDFD if pidfd else 0)
+        | (uapi.F_PARENT if parent is not None else 0)
+        | (uapi.F_LEAVE_PARENT if leave_parent else 0)
+        | (uapi.F_MNTNS if mntns is not None else 0)
+    )
     timeout_ns = 0 if timeout is None else int(timeout * 1e9)
-    if isinstance(target, int):
-        return __migrate(pid, target, flags=flags, parent=parent or 0, timeout_ns=timeout_ns)
-    fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
+    opened: list[int] = []
     try:
-        return __migrate(pid, fd, flags=flags, parent=parent or 0, timeout_ns=timeout_ns)
+        if not isinstance(target, int):
+            target = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
+            opened.append(target)
+        mntns_fd = -1
+        if mntns is not None:
+            mntns_fd = os.open(mntns, os.O_RDONLY | os.O_CLOEXEC)
+            opened.append(mntns_fd)
+        return __migrate(
+            pid, target, flags=flags, parent=parent or 0, timeout_ns=timeout_ns, mntns_fd=mntns_fd
+        )
     finally:
-        os.close(fd)
+        for fd in opened:
+            os.close(fd)

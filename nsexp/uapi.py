@@ -8,11 +8,13 @@ from __future__ import annotations
 import ctypes
 
 DEVICE = "/dev/nsmigrate"
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 F_PIDFD = 1 << 0
 F_PARENT = 1 << 1
-F_ALL = F_PIDFD | F_PARENT
+F_LEAVE_PARENT = 1 << 2  # ABI 2: the old parent may be any process (it sees no exit status)
+F_MNTNS = 1 << 3  # ABI 2: also join the mount namespace of mntns_fd (/proc/PID/ns/mnt)
+F_ALL = F_PIDFD | F_PARENT | F_LEAVE_PARENT | F_MNTNS
 
 MAX_TIMEOUT_NS = 60 * 1000 * 1000 * 1000
 DEFAULT_TIMEOUT_NS = 5 * 1000 * 1000 * 1000
@@ -34,10 +36,13 @@ class NsmigrateReq(ctypes.Structure):
         ("t_queued_ns", ctypes.c_uint64),
         ("t_switch_start_ns", ctypes.c_uint64),
         ("t_switch_done_ns", ctypes.c_uint64),
+        ("mntns_fd", ctypes.c_int32),
+        ("reserved", ctypes.c_uint32),
     ]
 
 
 REQ_SIZE_VER1 = 64
+REQ_SIZE_VER2 = 72
 
 # <asm-generic/ioctl.h>
 _IOC_NRSHIFT, _IOC_TYPESHIFT, _IOC_SIZESHIFT, _IOC_DIRSHIFT = 0, 8, 16, 30
@@ -55,4 +60,5 @@ def _ioc(direction: int, kind: int, nr: int, size: int) -> int:
 
 IOC_MAGIC = 0xB7
 IOC_VERSION = _ioc(_IOC_NONE, IOC_MAGIC, 0, 0)
-IOC_MIGRATE = _ioc(_IOC_READ | _IOC_WRITE, IOC_MAGIC, 1, ctypes.sizeof(NsmigrateReq))
+# The size in the command number is frozen at version 1's; a larger struct says so in .size.
+IOC_MIGRATE = _ioc(_IOC_READ | _IOC_WRITE, IOC_MAGIC, 1, REQ_SIZE_VER1)

@@ -49,6 +49,21 @@ def test_builds_without_warnings(series: str, tmp_path: Path) -> None:
     # modpost lists any symbol the module would need but the kernel does not export.
     assert "undefined!" not in log, log
     assert (tmp_path / "nsmigrate.ko").stat().st_size > 0
+    assert module_put_is_a_tail_call(tmp_path / "nsmigrate.ko")
+
+
+def module_put_is_a_tail_call(ko: Path) -> bool:
+    """The task work drops the module's last reference as its very last act: module_put()
+    must be reached by a jump, so that no instruction of the module runs after it (the module
+    may be freed by then)."""
+    dis = subprocess.run(
+        ["objdump", "-dr", "--no-show-raw-insn", str(ko)], capture_output=True, text=True
+    ).stdout
+    body = dis.split("<nsm_task_work>:", 1)[1].split("\n\n", 1)[0].splitlines()
+    for prev, line in zip(body, body[1:], strict=False):
+        if "R_X86_64_PLT32\tmodule_put" in line:
+            return prev.split(":", 1)[1].split()[0] == "jmp"
+    raise AssertionError("no call of module_put in nsm_task_work:\n" + "\n".join(body))
 
 
 @pytest.fixture(scope="session")

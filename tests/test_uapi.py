@@ -27,12 +27,14 @@ int main(void)
     %OFFSETS%
     printf("\"sizeof\": %zu,\n", sizeof(struct nsmigrate_req));
     printf("\"size_ver1\": %d,\n", NSMIGRATE_REQ_SIZE_VER1);
+    printf("\"size_ver2\": %d,\n", NSMIGRATE_REQ_SIZE_VER2);
+    printf("\"f_mntns\": %lu,\n", (unsigned long)NSMIGRATE_F_MNTNS);
     printf("\"abi\": %d,\n", NSMIGRATE_ABI_VERSION);
     printf("\"ioc_version\": %lu,\n", (unsigned long)NSMIGRATE_IOC_VERSION);
     printf("\"ioc_migrate\": %lu,\n", (unsigned long)NSMIGRATE_IOC_MIGRATE);
-    printf("\"f_pidfd\": %lu, \"f_parent\": %lu, \"f_all\": %lu,\n",
+    printf("\"f_pidfd\": %lu, \"f_parent\": %lu, \"f_leave_parent\": %lu, \"f_all\": %lu,\n",
            (unsigned long)NSMIGRATE_F_PIDFD, (unsigned long)NSMIGRATE_F_PARENT,
-           (unsigned long)NSMIGRATE_F_ALL);
+           (unsigned long)NSMIGRATE_F_LEAVE_PARENT, (unsigned long)NSMIGRATE_F_ALL);
     printf("\"max_timeout\": %llu, \"default_timeout\": %llu,\n",
            (unsigned long long)NSMIGRATE_MAX_TIMEOUT_NS,
            (unsigned long long)NSMIGRATE_DEFAULT_TIMEOUT_NS);
@@ -65,13 +67,16 @@ def test_struct_layout_matches(header: dict) -> None:
 
 
 def test_constants_match(header: dict) -> None:
-    assert uapi.REQ_SIZE_VER1 == header["size_ver1"] == header["sizeof"]
+    assert uapi.REQ_SIZE_VER1 == header["size_ver1"] == 64
+    assert uapi.REQ_SIZE_VER2 == header["size_ver2"] == header["sizeof"]
+    assert uapi.F_MNTNS == header["f_mntns"]
     assert uapi.ABI_VERSION == header["abi"]
     assert uapi.IOC_VERSION == header["ioc_version"]
     assert uapi.IOC_MIGRATE == header["ioc_migrate"]
-    assert (uapi.F_PIDFD, uapi.F_PARENT, uapi.F_ALL) == (
+    assert (uapi.F_PIDFD, uapi.F_PARENT, uapi.F_LEAVE_PARENT, uapi.F_ALL) == (
         header["f_pidfd"],
         header["f_parent"],
+        header["f_leave_parent"],
         header["f_all"],
     )
     assert uapi.MAX_TIMEOUT_NS == header["max_timeout"]
@@ -84,3 +89,9 @@ def test_every_header_field_is_mirrored() -> None:
     body = text.split("struct nsmigrate_req {", 1)[1].split("};", 1)[0]
     names = [line.split()[-1].rstrip(";") for line in body.strip().splitlines()]
     assert names == FIELDS
+
+
+def test_command_number_is_frozen_at_version_1(header: dict) -> None:
+    # v1 callers computed the command from a 64-byte struct: the number must not move.
+    v1 = (3 << 30) | (uapi.IOC_MAGIC << 8) | 1 | (64 << 16)
+    assert header["ioc_migrate"] == v1 == uapi.IOC_MIGRATE

@@ -7,20 +7,17 @@ restarts that syscall transparently and the process reads the reply with its new
 from __future__ import annotations
 
 import errno as errno_mod
-import importlib
 import os
 import time
 from typing import Any
 
 from nsexp.backends import Backend, BackendUnavailable, MigrationError, Namespace, Peer
 from nsexp.backends import WorkerSide as _WorkerSide
+from nsexp.lib import __migrate
+from nsexp.uapi import DEVICE
 
-DEVICE = "/dev/nsmigrate"
-
-
-def _migrate_fn() -> Any:
-    # Looked up with getattr: a literal __migrate inside a class body would be name-mangled.
-    return getattr(importlib.import_module("nsexp.lib"), "__migrate")
+# Bound at module level: the name __migrate written inside a class body would be name-mangled.
+_kernel_migrate = __migrate
 
 
 class ManagerSide(Backend):
@@ -32,16 +29,11 @@ class ManagerSide(Backend):
                 f"{DEVICE} does not exist: the nsmigrate module is not loaded here "
                 "(use --testbed vm, or load the module on this host)"
             )
-        try:
-            _migrate_fn()
-        except (ImportError, AttributeError) as exc:
-            raise BackendUnavailable(f"nsexp.lib.__migrate is not available: {exc}") from None
 
     def migrate(self, peer: Peer, target: Namespace, request: dict[str, Any]) -> dict[str, Any]:
-        migrate = _migrate_fn()
         started = time.monotonic_ns()
         try:
-            m = migrate(peer.pid, target.fd)
+            m = _kernel_migrate(peer.pid, target.fd)
         except OSError as exc:
             code = errno_mod.errorcode.get(exc.errno or 0, "EIO")
             raise MigrationError(
