@@ -1,13 +1,16 @@
 """The kernel module in the VM, on both supported kernels: one boot per kernel.
 
-tests/vm/kmod_checks.py runs inside the guest and records what it observed; the assertions
-(DESIGN.md, "Migration semantics" 1-8) are made here on the host.
+tests/vm/kmod_checks/ runs inside the guest and records what it observed; the assertions
+(kmod/README.md, "What a migration does", "Refusals", "Known limits") are made here on the
+host. Each boot has slab poisoning and KFENCE on, so a use-after-free shows in the kernel log.
 """
 
 from __future__ import annotations
 
 import errno
 import json
+import subprocess
+from pathlib import Path
 
 import pytest
 from test_kmod_build import SUPPORTED, supported_releases
@@ -16,20 +19,33 @@ from nsexp import testbed
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(2400)]
 
+REPO = Path(__file__).resolve().parent.parent
 BACK_AND_FORTH = 10_000
 FUZZ = 100_000
+# Freed objects are poisoned and checked, KFENCE samples every allocation it can.
+POISON_ARGS = ("slub_debug=FZPU", "page_poison=1", "init_on_free=1", "kfence.sample_interval=1")
+
+
+def build_guest_programs() -> None:
+    """tests/vm/progs/*.c for glibc and musl, into build/kmod-progs (the guest reads it)."""
+    proc = subprocess.run(
+        ["make", "-C", str(REPO / "tests" / "vm" / "progs")], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 @pytest.fixture(scope="module", params=SUPPORTED, ids=lambda s: f"linux-{s.rstrip('.')}")
 def guest(request) -> dict:
     """Boot the kernel once, run every check, return the observations and the batch."""
     release = next(r for r in supported_releases() if r.startswith(request.param))
+    build_guest_programs()
     tb = testbed.VMTestbed(kernel=release)
     batch = tb.run_batch(
-        ['python3 tests/vm/kmod_checks.py "$NSEXP_OUT"'],
+        ['python3 tests/vm/kmod_checks "$NSEXP_OUT"'],
         env={"NSM_BACK_AND_FORTH": str(BACK_AND_FORTH), "NSM_FUZZ": str(FUZZ)},
         timeout=1800,
         command_timeout=1500,
+        kernel_args=POISON_ARGS,
     )
     path = batch.out_dir / "kmod_checks.json"
     assert path.exists(), f"the guest wrote no results: {batch.results[0].stderr[-3000:]}"
@@ -47,6 +63,13 @@ def test_runs_the_kernel_it_was_asked_for(guest: dict) -> None:
     assert guest["obs"]["uname"] == guest["batch"].kernel_release
     assert guest["batch"].module_loaded
     assert guest["batch"].results[0].returncode == 0, guest["batch"].results[0].stderr[-3000:]
+
+
+def test_booted_with_slab_poisoning_and_kfence(guest: dict) -> None:
+    # A freed object touched after the move then shows as a poison or KFENCE report.
+    lines = guest["batch"].dmesg.splitlines()
+    command_line = next(line for line in lines if "Kernel command line" in line)
+    assert all(arg in command_line for arg in POISON_ARGS), command_line
 
 
 def test_migrated_process_keeps_state_and_gets_next_pid(guest: dict) -> None:
@@ -172,7 +195,8 @@ def test_bad_ioctl_input_returns_errors(guest: dict) -> None:
         "size_63": errno.EINVAL,
         "size_huge": errno.EINVAL,
         "version_0": errno.EINVAL,
-        "version_2": errno.EINVAL,
+        "version_3": errno.EINVAL,
+        "v1_with_v2_flag": errno.EINVAL,
         "unknown_flag": errno.EINVAL,
         "timeout_too_long": errno.EINVAL,
         "negative_pid": errno.EINVAL,
@@ -183,11 +207,13 @@ def test_bad_ioctl_input_returns_errors(guest: dict) -> None:
         "unmapped_pointer": errno.EFAULT,
         "kernel_pointer": errno.EFAULT,
         "unknown_cmd": errno.ENOTTY,
-        "size_72_nonzero_tail": errno.E2BIG,
-        "size_72_zero_tail": 0,
+        "size_80_nonzero_tail": errno.E2BIG,
+        "reserved_nonzero": errno.EINVAL,
+        "size_80_zero_tail": 0,
     }
     assert {k: d[k] for k in expect} == expect
-    assert d["version_ioctl"] == 1
+    assert d["version_ioctl"] == 2
+    assert d["v1_request"] == 0  # a version-1 caller still works
     # A pidfd for the process and a pidfd naming the target both work.
     p = d["pidfd_migration"]
     assert p["nspid"] == [p["global_pid"], p["pid"]]
@@ -200,21 +226,31 @@ def test_ten_thousand_migrations_back_and_forth(guest: dict) -> None:
     assert d["state"]["gpid"] == d["gpid"] and d["final_nspid"][-1] == d["state"]["pid"]
     # An even number of hops ends in A, as a child of A's init.
     assert d["gpid"] in d["a_children"] and d["gpid"] not in d["b_children"]
+    # Its timers and SIGIO owner followed it every time.
+    timers, sigio = d["held"]["timers"], d["held"]["sigio"]
+    assert timers["signals_after_move"] >= 5 and timers["delete"] == [0, 0, 0, 0]
+    assert sigio["getown"] == sigio["pid"] and sigio["sigio"] >= 1
 
 
-def test_struct_pid_and_nsproxy_do_not_leak(guest: dict) -> None:
+def slack(cache: str) -> int:
+    """Objects a cache may gain for reasons of its own: kernel workers come and go."""
+    return 4 if cache.startswith(("pid", "nsproxy")) else 16
+
+
+def test_slab_objects_do_not_leak(guest: dict) -> None:
     d = data(guest, "stress_back_and_forth")
-    # Every migration allocates one struct pid and one nsproxy and frees the old ones; the
-    # counts are read after shrinking the caches (precise). Between the two readings the same
-    # processes are alive: a leak of one object per migration would add 10,000.
+    # Every migration allocates one struct pid and one nsproxy and frees the old ones, and
+    # moves timer and file-owner references; the counts are read after shrinking the caches
+    # (precise). Between the two readings the same processes are alive: a leak of one object
+    # per migration would add 10,000.
     for cache, before in d["slab_before"].items():
-        assert abs(d["slab_after"][cache] - before) <= 4, (cache, d["slab_before"], d["slab_after"])
+        assert abs(d["slab_after"][cache] - before) <= slack(cache), (cache, d)
     # Over the whole boot (every check, every namespace created and killed) nothing may grow
     # beyond what the runner itself holds at the end (for example its own nsproxy after
     # unshare). Counts may drop: the guest's own boot-time processes exit meanwhile.
     obs = guest["obs"]
     for cache, start in obs["slab_start"].items():
-        assert obs["slab_end"][cache] - start <= 8, (cache, obs["slab_start"], obs["slab_end"])
+        assert obs["slab_end"][cache] - start <= 2 * slack(cache), (cache, obs["slab_start"], obs)
 
 
 def test_concurrent_migrations_with_fork_churn(guest: dict) -> None:
@@ -248,6 +284,8 @@ def test_counters(guest: dict) -> None:
     assert after["migrations"] - before["migrations"] >= BACK_AND_FORTH
     for reason in ("esrch", "einval", "eperm", "ebusy", "enxio", "eintr", "etimedout"):
         assert after[f"refused_{reason}"] > before[f"refused_{reason}"], reason
+    for reason in ("threads", "children", "ptrace", "parent", "foreign_cpu_timer"):
+        assert after[f"busy_{reason}"] > before[f"busy_{reason}"], reason
 
 
 def test_kernel_log_clean_and_module_unloads(guest: dict) -> None:
@@ -256,3 +294,177 @@ def test_kernel_log_clean_and_module_unloads(guest: dict) -> None:
     assert "nsmigrate: version" in batch.dmesg
     assert batch.module_unloaded is True
     assert "nsmigrate: unloaded" in batch.dmesg
+
+
+# --- hazards: kernel objects and user-space state naming the mover (review F1-F11) ---
+
+
+def test_posix_timers_follow_the_task(guest: dict) -> None:
+    # F1/F5: CPU-clock timers (process and thread clock) and a periodic signal timer armed
+    # before the move still work after it: signals keep arriving, the CPU timers can be read,
+    # re-armed and deleted (today's module left them dangling: a use-after-free at exit).
+    d = data(guest, "posix_timers")
+    assert d["armed"] == [0, 0, 0, 0]
+    after = d["after"]
+    assert after["signals_after_move"] >= 5  # a 20 ms timer over 0.6 s
+    assert 90 < after["cpu_left"] <= 100 and 90 < after["thread_cpu_left"] <= 100
+    assert after["rearm_cpu"] == after["rearm_thread_cpu"] == 0
+    assert after["delete"] == [0, 0, 0, 0]
+
+
+def test_foreign_cpu_timer_is_refused_and_counted(guest: dict) -> None:
+    d = data(guest, "foreign_cpu_timer")
+    assert d["armed"] == 0
+    assert d["refused"] == errno.EBUSY
+    assert d["counted"] == {"refused_ebusy": 1, "busy_foreign_cpu_timer": 1}
+    # Once its owner deleted it, the same process moves.
+    assert d["deleted"] == 0 and d["moved_after_delete"] == 0
+
+
+def test_tid_cache_glibc_and_musl(guest: dict) -> None:
+    d = data(guest, "tid_cache")
+    for flavour in ("glibc", "musl"):
+        before, after = d[flavour]["before"], d[flavour]["after"]
+        assert before["pid"] != after["pid"] == d[flavour]["new_pid"] == after["tid"], flavour
+        # No deadlock (musl's thread-list lock is left alone): threads and setuid work.
+        assert after["timeout"] == 0, flavour
+        assert (after["create"], after["join"], after["setuid"]) == (0, 0, 0), flavour
+    # glibc: its TID cache holds the new TID (raise() reaches the thread); a mutex held
+    # across the move belongs to the old TID (README, "Mutexes held across the move").
+    assert d["glibc"]["after"]["raised"] == 1
+    assert d["glibc"]["after"]["unlock"] == errno.EPERM
+    # musl: its descriptor keeps the old TID, which the module cannot reach (README).
+    assert d["musl"]["after"]["raised"] == 0
+    assert d["musl"]["after"]["unlock"] == 0
+
+
+def test_old_parent_is_never_fooled(guest: dict) -> None:
+    d = data(guest, "old_parent")
+    # Refused by default: the parent is neither a namespace init nor the caller.
+    assert d["refused"] == errno.EBUSY
+    assert d["counted"] == {"refused_ebusy": 1, "busy_parent": 1}
+    assert d["ppid_after_refusal"] == d["parent"]
+    # With the flag: the parent's waitpid() gets ECHILD, its pidfd poll wakes (6.1 too).
+    assert d["allowed_with_flag"] == 0
+    saw = d["parent_saw"]
+    assert saw["wait"] == "ECHILD"
+    assert saw["poll"] == "ready" and saw["poll_after_s"] < 5
+    assert saw["pidfd_signal"] == errno.ESRCH
+
+
+def test_ptrace_access_is_required(guest: dict) -> None:
+    d = data(guest, "ptrace_access")
+    assert d["denied"] == errno.EPERM
+    assert d["counted"] == {"refused_eperm": 1}
+    assert d["allowed"] == 0
+
+
+def test_sigio_owner_follows(guest: dict) -> None:
+    d = data(guest, "sigio_owner")
+    assert d["before"]["getown"] == d["before"]["pid"]
+    assert d["after"]["pid"] != d["before"]["pid"]
+    assert d["after"]["getown"] == d["after"]["pid"]
+    assert d["after"]["sigio"] >= 1
+
+
+# README, "Blocking calls that return EINTR": exactly these.
+RESTARTED = {"nanosleep", "poll", "select"}
+EINTR_RETURNED = {"epoll_wait", "sigtimedwait", "recv_timeout"}
+
+
+def test_blocking_calls_restart_or_return_eintr_as_documented(guest: dict) -> None:
+    d = data(guest, "blocking_calls")
+    assert set(d) == RESTARTED | EINTR_RETURNED
+    for name, r in d.items():
+        assert r["moved"] == 0, name
+        if name in RESTARTED:
+            # Restarted, and the deadline kept: the full 2 s.
+            assert r["rc"] == 0 and r["errno"] == 0 and r["seconds"] >= 1.9, (name, r)
+        else:
+            assert r["rc"] == -1 and r["errno"] == errno.EINTR and r["seconds"] < 1.9, (name, r)
+
+
+def test_empty_target_unreachable_and_intact(guest: dict) -> None:
+    d = data(guest, "empty_target")
+    # /proc/PID/ns/pid_for_children of a namespace without init cannot be opened; had it
+    # been, the module refuses it (ENXIO) before allocating a PID.
+    assert d["open"] == errno.ENOENT or d.get("migrate") == errno.ENXIO
+    assert d["first_fork"] == "f"
+
+
+def test_controlling_tty_left_as_at_exit(guest: dict) -> None:
+    d = data(guest, "controlling_tty")
+    assert d["before"]["leader_tty"] == d["before"]["member_tty"] != 0
+    assert d["taken_before"] == -errno.EPERM  # the session still owns it
+    after = d["after"]
+    assert after["leader_tty"] == after["member_tty"] == 0
+    assert after["member_alive"] and after["member_hup"] >= 1
+    assert d["taken_after"] == d["before"]["leader_tty"]  # another session can take it
+
+
+def test_proc_view_with_mount_namespace_join(guest: dict) -> None:
+    d = data(guest, "proc_view")
+    assert d["before"]["proc_self"] == d["before"]["getpid"]
+    # A sibling namespace: its own /proc has no number for the mover.
+    assert d["plain"]["proc_self"] == -errno.ENOENT
+    for key in ("back_with_mntns", "joined"):
+        v = d[key]
+        assert v["proc_self"] == v["getpid"] and v["listed"], key
+        assert v["cwd"] == "/"  # setns(CLONE_NEWNS) semantics: root and cwd reset
+    assert d["joined"]["getpid"] == d["new_pid"] == int(d["ps_pid"])
+    assert d["not_a_mount_ns"] == errno.EINVAL
+
+
+# --- real programs ---
+
+
+def test_http_server_hammered_while_hopping(guest: dict) -> None:
+    d = data(guest, "http_server")
+    assert d["hops"] == 20
+    # Requests went through while it hopped (a hop waits, EBUSY, while a request thread
+    # lives) and none failed.
+    assert d["client"]["failed"] == [] and d["client"]["ok"] >= 5
+
+
+def test_pthread_program_refused_and_untouched(guest: dict) -> None:
+    d = data(guest, "pthread_program")
+    assert d["refused"] == errno.EBUSY
+    assert d["counted"] == {"refused_ebusy": 1, "busy_threads": 1}
+    assert d["tasks_after"] == d["tasks_before"] and len(d["tasks_before"]) == 9
+    for i in range(8):
+        assert d["after"][f"tid{i}"] == d["before"][f"tid{i}"] != 0
+        assert d["after"][f"loops{i}"] > d["before"][f"loops{i}"]
+
+
+def test_coreutils_sleep_keeps_its_deadline(guest: dict) -> None:
+    d = data(guest, "coreutils_sleep")
+    assert 2.9 <= d["elapsed_s"] < 8
+    assert d["reaped_status"] == [0]
+
+
+def test_cat_in_a_pipe_loses_nothing(guest: dict) -> None:
+    d = data(guest, "cat_pipe")
+    assert d["hops"] >= 3
+    assert d["received"] == d["sent"] == 8 << 20 and d["same_sha256"]
+
+
+def test_tail_follow_keeps_following(guest: dict) -> None:
+    d = data(guest, "tail_follow")
+    assert d["lines"] == ["line-0", "line-1", "line-2", "line-3"]
+
+
+def test_interactive_shell_on_a_pty(guest: dict) -> None:
+    d = data(guest, "shell_on_pty")
+    assert d["ready"] and d["before"]["tty_nr"] != 0
+    assert d["after"]["tty_nr"] == 0  # no controlling terminal any more
+    # It still answers on the terminal; $$ is bash's cached number, $BASHPID the real one.
+    old, new = d["before"]["nspid"][-1], d["after"]["nspid"][-1]
+    assert old != new
+    assert f"pid={old} bashpid={new} done-42" in d["answer"]
+
+
+def test_abandoned_requests_leave_nothing_queued(guest: dict) -> None:
+    d = data(guest, "abandoned_work")
+    assert d["codes"] == [errno.ETIMEDOUT]
+    assert d["module_refs_added"] == 0  # each still-queued work would hold one
+    assert d["still_answers"] == d["after"]["nspid"][-1]  # continued, in A, unchanged
