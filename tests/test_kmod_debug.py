@@ -28,8 +28,10 @@ pytestmark = [pytest.mark.vm, pytest.mark.debug, pytest.mark.slow, pytest.mark.t
 #: counts for the module's suite on the debug kernel (KASAN and lockdep under TCG are slow)
 BACK_AND_FORTH = int(os.environ.get("NSEXP_DEBUG_BACK_AND_FORTH", "300"))
 FUZZ = int(os.environ.get("NSEXP_DEBUG_FUZZ", "3000"))
-#: calls of the concurrent ioctl fuzzer (see README, "The debug kernel", for the rate)
-IOCTL_FUZZ = int(os.environ.get("NSEXP_DEBUG_IOCTL_FUZZ", "100000"))
+#: calls of the concurrent ioctl fuzzer: 100,000 do not fit the 20-minute warm budget of
+#: `make test` at the rates measured here (README, "The debug kernel");
+#: NSEXP_DEBUG_IOCTL_FUZZ=100000 runs the full count
+IOCTL_FUZZ = int(os.environ.get("NSEXP_DEBUG_IOCTL_FUZZ", "20000"))
 
 KMEMLEAK = "/sys/kernel/debug/kmemleak"
 #: before the checks: forget what boot itself left unreferenced (not the module's doing)
