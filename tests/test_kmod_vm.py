@@ -407,6 +407,7 @@ def test_proc_view_with_mount_namespace_join(guest: dict) -> None:
     assert d["before"]["proc_self"] == d["before"]["getpid"]
     # A sibling namespace: its own /proc has no number for the mover.
     assert d["plain"]["proc_self"] == -errno.ENOENT
+    assert d["before"]["cwd"] == d["plain"]["cwd"] == "/tmp"
     for key in ("back_with_mntns", "joined"):
         v = d[key]
         assert v["proc_self"] == v["getpid"] and v["listed"], key
@@ -420,7 +421,7 @@ def test_proc_view_with_mount_namespace_join(guest: dict) -> None:
 
 def test_http_server_hammered_while_hopping(guest: dict) -> None:
     d = data(guest, "http_server")
-    assert d["hops"] == 20
+    assert d["hops"] == d["wanted_hops"] >= 5
     # Requests went through while it hopped (a hop waits, EBUSY, while a request thread
     # lives) and none failed.
     assert d["client"]["failed"] == [] and d["client"]["ok"] >= 5
@@ -445,7 +446,7 @@ def test_coreutils_sleep_keeps_its_deadline(guest: dict) -> None:
 def test_cat_in_a_pipe_loses_nothing(guest: dict) -> None:
     d = data(guest, "cat_pipe")
     assert d["hops"] >= 3
-    assert d["received"] == d["sent"] == 8 << 20 and d["same_sha256"]
+    assert d["received"] == d["sent"] >= 1 << 20 and d["same_sha256"]
 
 
 def test_tail_follow_keeps_following(guest: dict) -> None:

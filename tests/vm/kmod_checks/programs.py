@@ -97,7 +97,13 @@ def http_server() -> dict:
         client = None
         served = json.loads(os.read(rep_r, 65536))
         os.kill(gpid, signal.SIGKILL)
-        return {"hops": len(pids), "ebusy_retries": retries, "client": served, "nspids": pids}
+        return {
+            "hops": len(pids),
+            "wanted_hops": hops,
+            "ebusy_retries": retries,
+            "client": served,
+            "nspids": pids,
+        }
     finally:
         if client:
             os.kill(client, signal.SIGKILL)
@@ -287,11 +293,13 @@ def shell_on_pty() -> dict:
         shell = fork_into(a.ns_fd, lambda: _shell_on(slave))
         # The terminal echoes what is typed: wait for what only the shell computes.
         os.write(master, b"PS1='$ '; echo ready-$((40+2))\n")
-        first = _read_until(master, b"ready-42", 30)
+        first = _read_until(master, b"ready-42", 180)  # bash starts slowly under TCG
+        if b"ready-42" not in first:
+            raise TimeoutError(f"bash did not answer on its terminal: {first[-200:]!r}")
         before = {"tty_nr": tty_nr(shell), "nspid": nspid(shell)}
         m = lib.migrate(shell, b.path)
         os.write(master, b"echo pid=$$ bashpid=$BASHPID done-$((40+2))\n")
-        answer = _read_until(master, b"done-42", 30).decode(errors="replace")
+        answer = _read_until(master, b"done-42", 180).decode(errors="replace")
         after = {"tty_nr": tty_nr(m.global_pid), "nspid": nspid(m.global_pid)}
         os.kill(m.global_pid, signal.SIGKILL)
         return {

@@ -1,6 +1,7 @@
 """Many moves: back and forth, concurrent movers with fork churn, a target dying mid-burst.
 
-Counts: NSM_BACK_AND_FORTH (10,000), NSM_STRESS_CONCURRENT_EACH (200 per mover, 8 movers),
+Counts: NSM_BACK_AND_FORTH (10,000), NSM_STRESS_CONCURRENT_EACH (or NSM_CONCURRENT_EACH; 200
+per mover, 8 movers),
 NSM_STRESS_BURST (at most 5,000 per mover while B's init is killed).
 """
 
@@ -81,7 +82,9 @@ def stress_back_and_forth() -> dict:
 
 @check
 def stress_concurrent() -> dict:
-    per = int(os.environ.get("NSM_STRESS_CONCURRENT_EACH", "200"))
+    per = int(
+        os.environ.get("NSM_STRESS_CONCURRENT_EACH", os.environ.get("NSM_CONCURRENT_EACH", "200"))
+    )
     a, b = Namespace("CA", 1), Namespace("CB", 1)
     churners = [fork_into(ns.ns_fd, lambda: churn(60)) for ns in (a, b)]
     try:
