@@ -268,10 +268,29 @@ def test_client_killed_mid_migration(sock, three_ns, tmp_path):
         os.waitpid(victim, 0)
         assert wait_for(lambda: failures, 5)
         assert failures == [(victim, "client_gone")]
+        assert wait_for(lambda: manager.connections == 0)
         ok = in_ns(ns["A"], request_to_file(sock, tmp_path / "after.json", "C"))
         os.waitpid(ok, 0)
         assert json.loads((tmp_path / "after.json").read_text())["ok"]
     assert not (tmp_path / "victim.json").exists()
+
+
+def test_killed_idle_client_leaves_no_connection(sock, three_ns):
+    ns = three_ns.namespaces
+
+    def hold_a_connection():
+        client = Client(sock)
+        client.ping()
+        time.sleep(60)
+
+    with Manager(sock, Echo(), ns) as manager:
+        idle = in_ns(ns["A"], hold_a_connection)
+        try:
+            assert wait_for(lambda: manager.connections == 1, 10)
+        finally:  # the child must be gone before its namespace's init is torn down
+            os.kill(idle, signal.SIGKILL)
+            os.waitpid(idle, 0)
+        assert wait_for(lambda: manager.connections == 0)
 
 
 N_CLIENTS = 64

@@ -114,6 +114,11 @@ class Manager:
         self.served = 0  # requests read
         self.accepted = 0  # connections accepted
 
+    @property
+    def connections(self) -> int:
+        """Client connections open now (event loop only)."""
+        return len(self._conns)
+
     # -- lifecycle -------------------------------------------------------------------------
 
     def bind(self) -> None:
