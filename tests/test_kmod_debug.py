@@ -180,6 +180,7 @@ def _faults(debug_boot: dict) -> dict:
 def test_every_allocation_failure_path_is_taken(debug_boot: dict) -> None:
     paths = _faults(debug_boot)["paths"]
     for name in REQUIRED_PATHS:
+        assert name in paths, f"{name} not attempted: an earlier path let the process move"
         hits = [a for a in paths[name]["attempts"] if a["injected"] > 0]
         assert hits, (name, paths[name])
         assert all(a["errno"] == errno.ENOMEM for a in hits), (name, hits)

@@ -37,7 +37,7 @@ from harness import (  # noqa: E402
     WORK,
     Namespace,
     Subject,
-    migrate_errno,
+    lib,
     settle,
     slab_objects,
     stats,
@@ -98,7 +98,7 @@ class Kallsyms:
     def module_text(self) -> tuple[int, int]:
         if not self.module:
             raise RuntimeError("no [nsmigrate] symbols in /proc/kallsyms: is the module loaded?")
-        return min(self.module), max(self.module) + 0x1000
+        return min(self.module), max(self.module) + 0x10000  # the last function's end
 
 
 class Fault:
@@ -201,6 +201,16 @@ def paths(ks: Kallsyms, target_level: int) -> list[dict]:
     ]
 
 
+def migrate(subject: Subject, target: Namespace) -> int:
+    """Move the subject into ``target``; 0 or the errno. Follows its new global PID."""
+    try:
+        m = lib.migrate(subject.gpid, target.path, timeout=30)
+    except OSError as e:
+        return e.errno
+    subject.gpid = m.global_pid
+    return 0
+
+
 def attempt(p: dict, subject: Subject, a: Namespace, b: Namespace) -> dict:
     fault = Fault()
     who = os.getpid() if p["side"] == "caller" else subject.gpid
@@ -209,7 +219,7 @@ def attempt(p: dict, subject: Subject, a: Namespace, b: Namespace) -> dict:
     make_it_fail(who, True)
     fault.arm(p["require"], p["caches"])
     try:
-        err = migrate_errno(subject.gpid, b.path, timeout=30)
+        err = migrate(subject, b)
     finally:
         injected = fault.disarm()
         make_it_fail(who, False)
@@ -248,9 +258,13 @@ def run(repeat: int) -> dict:
                 if rec["attempts"][-1]["errno"] == 0:
                     break  # it moved: nothing left to fail in this configuration
             out["paths"][p["path"]] = rec
-        # No leftover: the same process now moves normally, with its state.
+            if rec["attempts"][-1]["errno"] == 0:
+                break  # now in B: the next paths would only meet "already there"
+        # No leftover: the same process now moves normally (into the namespace it is not in).
+        here = os.readlink(f"/proc/{subject.gpid}/ns/pid")
+        other = a if here == os.readlink(f"/proc/{b.init}/ns/pid") else b
         state_before = subject.call("state")
-        err = migrate_errno(subject.gpid, b.path, timeout=30)
+        err = migrate(subject, other)
         state_after = subject.call("state") if err == 0 else {}
         out["clean_migration"] = {
             "errno": err,
