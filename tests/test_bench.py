@@ -13,13 +13,14 @@ import csv
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from nsexp.bench import host, results
+from nsexp.bench import host, report, results
 from nsexp.bench import summary as sm
 from nsexp.records import STAMPS
 
@@ -216,6 +217,41 @@ def test_c_helpers_build() -> None:
     folder = host.build_c()
     for name in ("kernel_bench", "populate", "depth_bench"):
         assert os.access(folder / name, os.X_OK)
+
+
+def test_docs_results_section_is_what_the_committed_data_gives() -> None:
+    """docs/performance.md's Results section equals what `nsexp bench report` writes from the
+    committed provenance; the hand-written rest quotes no measured time and no verdict."""
+    doc = (ROOT / "docs" / "performance.md").read_text()
+    section = report.render(ROOT / "data", host.HOP_DEFAULTS, host.SCALING_DEFAULTS)
+    assert report.splice(doc, section) == doc, "stale: run `nsexp bench report` and commit"
+    head, rest = doc.split(report.BEGIN, 1)
+    prose = head + rest.split(report.END, 1)[1]
+    assert not re.search(r"\d\s?(ms|us|µs)\b|\d+(\.\d+)?\s?s\b", prose)
+    assert not re.search(r"\b(met|missed|flat|linear)\*\*", prose)
+
+
+def test_report_labels_reduced_runs_and_shows_verdicts(tmp_path: Path) -> None:
+    prov = {
+        "run_id": "r1",
+        "kernel": "6.12",
+        "testbed": "vm",
+        "code_version": "a" * 40,
+        "params": {"hop": {**host.HOP_DEFAULTS, "n": 30}},
+        "guest": {"errors": ["hop criu: 1 failed hop(s): criu restore: File exists"]},
+        "summary": {
+            "kmod hop": sm.summarize([2e6, 3e6]),
+            "criu failed": {"n": 1, "first_error": "x"},
+        },
+        "ratios": {"kmod hop / minimal floor": sm.ratio([3e6, 2e6], [1e6, 1e6])},
+        "verdicts": sm.verdicts({"kmod hop / minimal floor": {"value": 2.5}}),
+    }
+    (tmp_path / "bench-hop.provenance.json").write_text(json.dumps(prov))
+    text = report.render(tmp_path, host.HOP_DEFAULTS, host.SCALING_DEFAULTS)
+    assert "**REDUCED** (n 30 (full: 300))" in text
+    assert "| kmod hop / minimal floor | <= 2 | 2.5 |" in text and "**missed**" in text
+    assert "failures: hop criu: 1 failed hop(s)" in text
+    assert "| criu / kmod | >= 1000 | - | - | **no data** |" in text
 
 
 # -- guest side, natively (restart backend: no module needed) -----------------------------------

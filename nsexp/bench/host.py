@@ -17,6 +17,7 @@ import math
 import os
 import shlex
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -86,14 +87,14 @@ def build_c() -> Path:
     return BENCH_BUILD
 
 
-def _meta(bed: tb.Testbed, code: str, params: dict[str, Any]) -> dict[str, Any]:
+def _meta(bed: tb.Testbed, code: str, params: dict[str, Any], command: str) -> dict[str, Any]:
     return {
         "run_id": uuid.uuid4().hex[:12],
         "testbed": bed.name,
         "kernel": bed.kernel_release(),
         "code_version": code,
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "command": records.command_line(),
+        "command": command,
         "testbed_repr": repr(bed),
         "params": params,
         "note": "absolute times under QEMU/TCG emulation are far slower than on hardware; "
@@ -174,12 +175,14 @@ def run_benchmarks(
     kernel_n: int = 1000,
     kernel_warmup: int = 100,
     memory: str | None = None,
+    command: str | None = None,
 ) -> dict[str, BenchResult]:
     """Run "kernel", "hop" and/or "scaling" in ONE boot; write their tables to ``out_dir``.
 
     ``hop`` and ``scaling`` override :data:`HOP_DEFAULTS` and :data:`SCALING_DEFAULTS`. The
     kernel benchmark runs with "hop" unless ``kernel_n`` is 0. Returns {name: BenchResult}; a
-    result's ``errors`` lists what failed (empty when everything ran).
+    result's ``errors`` lists what failed (empty when everything ran). ``command``: what a
+    person ran, for the provenance (default: :func:`nsexp.records.command_line`).
     """
     unknown = set(benchmarks) - {"kernel", "hop", "scaling"}
     if unknown:
@@ -223,7 +226,8 @@ def run_benchmarks(
     print(f"nsexp bench {' + '.join(cmds)}: one boot of {bed!r}; code {code}", flush=True)
     print(f"raw files in {work}; time limit {budget:.0f} s", flush=True)
     params = {"hop": ph, "scaling": ps, "kernel_n": kernel_n, "kernel_warmup": kernel_warmup}
-    meta = _meta(bed, code, {k: v for k, v in params.items() if k in benchmarks or "kernel" in k})
+    params = {k: v for k, v in params.items() if k in benchmarks or "kernel" in k}
+    meta = _meta(bed, code, params, command or records.command_line())
     load_before = os.getloadavg()[0]
     if load_before > (os.cpu_count() or 1):
         print(
@@ -381,6 +385,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             hop=hop,
             scaling=scaling,
             kernel_n=1000 if args.kernel_n is None else args.kernel_n,
+            command=shlex.join(["nsexp", *sys.argv[1:]]),
         )
     except tb.TestbedError as exc:
         print(f"nsexp bench: {exc}")

@@ -36,6 +36,22 @@ def _g(v: Any) -> str:
     return f"{v:.3g}"
 
 
+def _by_number(items: Any) -> list[tuple[Any, Any]]:
+    """(key, value) pairs in the order of the number a key starts with ("101-1000" -> 101):
+    JSON turned the numbers into strings, and sorted them as strings."""
+    return sorted(items, key=lambda kv: int(str(kv[0]).split("-")[0]))
+
+
+def _interval(r: dict[str, Any] | None) -> str:
+    """A ratio's 95 % interval, or "-" when it has none of its own (``interval_of``: the
+    interval of another statistic, e.g. the median hop behind a throughput)."""
+    if not r or r.get("interval_of") or r.get("ci95_low") is None:
+        return "-"
+    if isinstance(r["ci95_low"], float) and math.isnan(r["ci95_low"]):
+        return "-"
+    return f"{_g(r['ci95_low'])}-{_g(r['ci95_high'])}"
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     return out + ["| " + " | ".join(r) + " |" for r in rows]
@@ -83,13 +99,11 @@ def _run_lines(prov: dict[str, Any], defaults: dict[str, Any], key: str) -> list
     return lines
 
 
-def _verdict_rows(verdicts: dict[str, dict]) -> list[list[str]]:
+def _verdict_rows(verdicts: dict[str, dict], ratios: dict[str, dict]) -> list[list[str]]:
     rows = []
     for name in [t for t in sm.TARGETS if t in verdicts]:
         v = verdicts[name]
-        iv = "-"
-        if v.get("ci95_low") is not None and not math.isnan(v.get("ci95_low", math.nan)):
-            iv = f"{_g(v['ci95_low'])}-{_g(v['ci95_high'])}"
+        iv = _interval(ratios.get(name)) if name in ratios else "-"
         held = v.get("held_back_by") or {}
         why = ""
         if held:
@@ -139,7 +153,7 @@ def hop_section(prov: dict[str, Any], defaults: dict[str, Any]) -> list[str]:
         [
             k,
             _g(v["value"]),
-            f"{_g(v.get('ci95_low'))}-{_g(v.get('ci95_high'))}",
+            _interval(v),
             f"{v.get('n_num')} / {v.get('n_den')}",
         ]
         for k, v in ratios.items()
@@ -149,7 +163,7 @@ def hop_section(prov: dict[str, Any], defaults: dict[str, Any]) -> list[str]:
     out += ["Targets:", ""]
     out += _table(
         ["target", "bound", "value", "95 % interval", "verdict", "largest phase of the kmod hop"],
-        _verdict_rows(prov.get("verdicts") or {}),
+        _verdict_rows(prov.get("verdicts") or {}, prov.get("ratios") or {}),
     )
     return out + [""]
 
@@ -170,13 +184,13 @@ def scaling_section(
             out += [f"{sweep.capitalize()} ({label}): hop end to end", ""]
             out += _table(
                 [label, "median", "p99"],
-                [[str(x), _ms(m), _ms(p99.get(x))] for x, m in med.items()],
+                [[str(x), _ms(m), _ms(p99.get(x))] for x, m in _by_number(med.items())],
             )
             out.append("")
     if "clients" in s:
         rows = []
         for path, per in s["clients"].items():
-            for k, v in per.items():
+            for k, v in _by_number(per.items()):
                 rows.append(
                     [
                         path,
@@ -198,7 +212,7 @@ def scaling_section(
             ["depth", "n", "median", "p99"],
             [
                 [str(d), str(v["n"]), _ms(v["median_ns"]), _ms(v["p99_ns"])]
-                for d, v in depth.items()
+                for d, v in _by_number(depth.items())
             ],
         )
         out.append("")
@@ -208,7 +222,7 @@ def scaling_section(
         out += ["Nesting depth through the manager (Python worker):", ""]
         out += _table(
             ["depth", "hop median", "kernel switch median"],
-            [[str(d), _ms(m), _ms(ks.get(d))] for d, m in med.items()],
+            [[str(d), _ms(m), _ms(ks.get(d))] for d, m in _by_number(med.items())],
         )
         out.append("")
     ratios = prov.get("ratios") or {}
@@ -216,7 +230,7 @@ def scaling_section(
         [
             k,
             _g(v["value"]),
-            f"{_g(v.get('ci95_low'))}-{_g(v.get('ci95_high'))}" if "ci95_low" in v else "-",
+            _interval(v),
         ]
         for k, v in ratios.items()
     ]
@@ -224,7 +238,7 @@ def scaling_section(
     out += ["Targets:", ""]
     out += _table(
         ["target", "bound", "value", "95 % interval", "verdict", "largest phase there"],
-        _verdict_rows(prov.get("verdicts") or {}),
+        _verdict_rows(prov.get("verdicts") or {}, prov.get("ratios") or {}),
     )
     return out + [""]
 
@@ -242,8 +256,15 @@ def render(data: Path, hop_defaults: dict[str, Any], scaling_defaults: dict[str,
         hop, scaling = _load(folder, "hop"), _load(folder, "scaling")
         if not hop and not scaling:
             continue
-        kernel = (hop or scaling or {}).get("kernel")
-        out += [f"### Kernel {kernel} (`{folder.relative_to(data.parent)}/`)", ""]
+        first = hop or scaling or {}
+        out += [f"### Kernel {first.get('kernel')} (`{folder.relative_to(data.parent)}/`)", ""]
+        if "verdicts" not in first:
+            out += [
+                f"Tables of an earlier benchmark (code `{first.get('code_version')}`, run "
+                f"`{first.get('run_id')}`) without the statistics reported here: not shown.",
+                "",
+            ]
+            continue
         if hop:
             out += hop_section(hop, hop_defaults)
         if scaling:
