@@ -29,8 +29,10 @@ setup:
 	@bash tools/setup.sh
 
 # The debug kernel is built (or found in ~/.cache/nsexp/kernels) as its own step before the
-# tests, never inside a test's timeout; skipped when PYTEST_ARGS deselects the VM/debug tests.
-NEEDS_DEBUG_KERNEL := $(if $(findstring not vm,$(PYTEST_ARGS))$(findstring not debug,$(PYTEST_ARGS)),,debug-kernel)
+# tests, never inside a test's timeout: for the whole suite, and for PYTEST_ARGS that name the
+# debug tests (not for "not debug"); a narrower run that reaches them builds it in their fixture.
+WANTS_DEBUG := $(and $(findstring debug,$(PYTEST_ARGS)),$(if $(findstring not debug,$(PYTEST_ARGS)),,y))
+NEEDS_DEBUG_KERNEL := $(if $(strip $(PYTEST_ARGS)),$(if $(WANTS_DEBUG),debug-kernel),debug-kernel)
 
 test: setup $(NEEDS_DEBUG_KERNEL)
 	$(PY) -m pytest $(PYTEST_ARGS)
