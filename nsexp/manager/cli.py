@@ -26,6 +26,12 @@ def _parse_pair(value: str) -> tuple[str, str]:
     return src, dst
 
 
+DESCRIPTION = (
+    "Run the migration manager in the foreground, in the global PID namespace, until SIGINT "
+    "or SIGTERM (protocol: docs/manager.md)."
+)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--socket", default=DEFAULT_SOCKET, help="socket path (default %(default)s)")
     p.add_argument("--backend", default="kmod", choices=["kmod", "criu"])
@@ -82,12 +88,17 @@ def cmd_manager(args: argparse.Namespace) -> int:
 
 def register_cli(subparsers: Any) -> None:
     """Add ``nsexp manager`` to the CLI."""
-    p = subparsers.add_parser("manager", help="run the migration manager in the foreground")
+    p = subparsers.add_parser(
+        "manager", help="run the migration manager in the foreground", description=DESCRIPTION
+    )
     add_arguments(p)
     p.set_defaults(func=cmd_manager)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="nsexp-manager", description=Manager.__doc__)
+    parser = argparse.ArgumentParser(
+        prog="nsexp-manager",
+        description=DESCRIPTION,
+    )
     add_arguments(parser)
     return cmd_manager(parser.parse_args(argv))
