@@ -53,6 +53,7 @@ os.register_at_fork(after_in_child=_forget_connections_in_child)
 class Client:
     """Talks to a manager at ``path``; ``timeout`` (s) bounds connect and each reply wait.
 
+    One request at a time: threads that ask concurrently each need their own Client.
     ``reconnect=True``: a new connection per request (the old path; a baseline only).
     """
 
