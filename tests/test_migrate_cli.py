@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -192,3 +193,93 @@ def test_request_command_not_found_moves_nothing(manager):
     assert proc.returncode == 127
     assert "no-such-cmd: command not found; nothing was moved" in proc.stderr
     assert manager.served == 0  # the manager was not even asked
+
+
+# -- in the VM: real moves through the commands (one boot with the DKMS test) --------------
+
+
+@pytest.fixture(scope="module")
+def guest() -> dict:
+    from user_vm import user_guest
+
+    return user_guest()
+
+
+@pytest.mark.vm
+@pytest.mark.timeout(3600)
+def test_migrate_moves_a_process_through_the_command(guest):
+    from user_vm import observed
+
+    d = observed(guest, "migrate")
+    assert d["moved"]["rc"] == 0, d["moved"]["err"]
+    r, before, after = d["result"], d["before"], d["after"]
+    # Target B held init + 3 sleepers: the next PID there is 5; the command says so, and so
+    # does /proc from the outside, for the very same process (same start time).
+    assert r["pid_in_target"] == 5 and after["nspid"] == [r["pid_from_caller"], 5]
+    assert after["start"] == before["start"] and after["ppid"] == d["b_init"]
+    assert after["ns"] != before["ns"] and d["old_gone"]
+    assert r["namespace"].startswith("pid:[") and r["switch_ns"] > 0
+    # Back, the target named by a process in it (a pidfd), with --parent: the text output.
+    back, pids = d["back"], d["back_pids"]
+    assert back["rc"] == 0, back["err"]
+    assert back["out"].startswith(f"moved process {r['pid_from_caller']} into pid:[")
+    assert d["after_back"]["nspid"] == [pids[1], pids[0]]
+    assert d["after_back"]["ppid"] == d["sleeper"] and d["after_back"]["ns"] == before["ns"]
+    assert d["after_back"]["start"] == before["start"]
+    # By pidfd into an inherited namespace fd.
+    assert d["by_fd"]["rc"] == 0, d["by_fd"]["err"]
+    by_fd = json.loads(d["by_fd"]["out"])
+    assert list(by_fd["process"]) == ["pidfd"]
+    assert d["by_fd_state"]["nspid"] == [by_fd["pid_from_caller"], by_fd["pid_in_target"]]
+    assert d["by_fd_state"]["ns"] == after["ns"]
+    assert d["by_fd_state"]["start"] == d["before2"]["start"]
+
+
+@pytest.mark.vm
+@pytest.mark.timeout(3600)
+def test_migrate_refusals_give_the_errno_in_words(guest):
+    from user_vm import observed
+
+    d = observed(guest, "migrate")
+    refusals = d["refusals"]
+    expected = {
+        "no_such_process": ("ESRCH", errno.ESRCH, "No such process"),
+        "namespace_init": ("EINVAL", errno.EINVAL, "Invalid argument"),
+        "not_a_pid_namespace": ("EINVAL", errno.EINVAL, "Invalid argument"),
+        "stopped_timeout": ("ETIMEDOUT", errno.ETIMEDOUT, "did not reach a safe point in time"),
+    }
+    for case, (name, number, words) in expected.items():
+        r = refusals[case]
+        assert r["rc"] == 1, (case, r)
+        assert f"[{name}, errno {number}]" in r["err"], (case, r["err"])
+        assert words in r["err"] and r["out"] == "", (case, r)
+    same = json.loads(refusals["same_namespace"]["out"])
+    assert refusals["same_namespace"]["rc"] == 1
+    assert same["ok"] is False and same["errno"] == errno.EINVAL and same["error"] == "EINVAL"
+    assert "already in the target namespace" in same["message"]
+    # The command waited (--timeout 1) before giving up; the rest is Python's start-up under TCG.
+    assert refusals["stopped_timeout"]["elapsed"] >= 1.0
+    # Every refusal left the process as it was.
+    assert d["probe_after"] == d["probe_before"]
+
+
+@pytest.mark.vm
+@pytest.mark.timeout(3600)
+def test_request_from_a_shell_inside_a_namespace(guest):
+    from user_vm import observed
+
+    d = observed(guest, "request")
+    # The manager names the asking process: PID 3 of NS2 (init 1, a sleeper 2, then the
+    # init's child that sh exec'd).
+    assert re.search(r"the manager sees process \d+ \(PID 3 in NS2\), backend kmod", d["ping"])
+    assert "no namespace named 'NOPE'" in d["unknown"] and "rc=1" in d["unknown"]
+    assert "forbidden_route: route NS2 -> NS4 is not allowed" in d["forbidden"]
+    assert "rc=1" in d["forbidden"]
+    # A kernel refusal reaches the shell with its errno: a process with a child cannot move.
+    refused = json.loads(d["has_child"].strip().splitlines()[0])
+    assert refused["ok"] is False and refused["errno"] == errno.EBUSY
+    # The move: the command then runs in NS3 as the moved process, with NS3's next PID.
+    ns3_next = max(d["ns3_children_before"]) + 1
+    m = re.search(r"pid=(\d+) ppid=(\d+)\nNSpid:\s+(\d+)\s+(\d+)\n", d["move"])
+    assert m, d["move"]
+    assert int(m.group(1)) == ns3_next == int(m.group(4)) and int(m.group(2)) == 1
