@@ -64,6 +64,7 @@ class Client:
         self.timeout = timeout
         self.reconnect = reconnect
         self._sock: socket.socket | None = None
+        self._answered = False  # the open connection has carried a request and its reply
         _clients.add(self)
 
     # -- connection ------------------------------------------------------------------------
@@ -87,6 +88,7 @@ class Client:
                 "unavailable", f"cannot connect to {self.path}: {exc.strerror or exc}"
             ) from None
         self._sock = sock
+        self._answered = False
 
     def close(self) -> None:
         """Close the connection; a later request opens a new one."""
@@ -127,7 +129,7 @@ class Client:
         return reply
 
     def _exchange(self, frame: bytes) -> dict[str, Any]:
-        reused = self._sock is not None
+        reused = self._sock is not None and self._answered
         self.connect()
         assert self._sock is not None
         try:
@@ -135,14 +137,16 @@ class Client:
                 self._sock.sendall(frame)
             except (BrokenPipeError, ConnectionResetError):
                 if not reused:
-                    raise
-                # The manager closed this idle connection (it restarted, or it ends connections
-                # after an error): it has not seen this request, so send it on a new one.
+                    return self._parting_words()
+                # The manager closed this idle connection (it was restarted): it has not seen
+                # this request, so send it on a new one.
                 self.close()
                 self.connect()
                 assert self._sock is not None
                 self._sock.sendall(frame)
-            return protocol.recv_msg(self._sock)
+            reply = protocol.recv_msg(self._sock)
+            self._answered = True
+            return reply
         except protocol.ConnectionClosed:
             self.close()
             raise ManagerUnavailable(
@@ -160,6 +164,17 @@ class Client:
                 raise
             raise ManagerUnavailable(
                 "manager_gone", f"connection to the manager lost: {exc.strerror}"
+            ) from None
+
+    def _parting_words(self) -> dict[str, Any]:
+        """The reply a manager left before hanging up on a new connection (``busy``)."""
+        assert self._sock is not None
+        self._sock.setblocking(False)
+        try:
+            return {**protocol.recv_msg(self._sock), "close": True}
+        except (OSError, protocol.ProtocolError):
+            raise ManagerUnavailable(
+                "manager_gone", "the manager closed the connection before reading the request"
             ) from None
 
     def ping(self) -> dict[str, Any]:

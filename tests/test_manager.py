@@ -275,6 +275,26 @@ def test_client_killed_mid_migration(sock, three_ns, tmp_path):
     assert not (tmp_path / "victim.json").exists()
 
 
+def test_connections_beyond_max_clients_are_told_busy(sock, three_ns):
+    with Manager(sock, Echo(), three_ns.namespaces, max_clients=2) as manager:
+        held = [Client(sock, timeout=5) for _ in range(2)]
+        for c in held:
+            c.ping()
+        with pytest.raises(ManagerError) as ei:
+            Client(sock, timeout=5).ping()
+        assert ei.value.code == "busy"
+        late = Client(sock, timeout=5)
+        late.connect()
+        time.sleep(0.3)  # the manager has answered "busy" and hung up before the request
+        with pytest.raises(ManagerError) as ei:
+            late.ping()
+        assert ei.value.code == "busy" and not late.connected
+        held.pop().close()
+        assert wait_for(lambda: manager.connections == 1)
+        assert Client(sock, timeout=5).ping()["ok"]
+        held.pop().close()
+
+
 def test_killed_idle_client_leaves_no_connection(sock, three_ns):
     ns = three_ns.namespaces
 
