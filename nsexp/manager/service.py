@@ -443,14 +443,16 @@ class Manager:
             conn.sock.setblocking(False)
             self._advance(conn)
 
-    def _serve_off_loop(self, conn: _Conn, creds: Credentials | None, req: dict, received: int):
-        keep = False
+    def _serve_off_loop(
+        self, conn: _Conn, creds: Credentials | None, req: dict[str, Any], received: int
+    ) -> None:
+        keep = False  # whether the connection goes back to the loop
         try:
             peer = self._identify(conn, creds)
             keep = self._handle(conn.sock, peer, req, received)
         except Unidentified as exc:
             log.warning("cannot identify the sender: %s", exc)
-            self._try_send(conn.sock, protocol.error_reply("unknown_peer", str(exc)))
+            keep = self._try_send(conn.sock, protocol.error_reply("unknown_peer", str(exc)))
         except Exception:  # noqa: BLE001 - a bug in one request must not stop the service
             log.exception("internal error while serving a client")
             self._try_send(conn.sock, protocol.error_reply("internal", "internal manager error"))
