@@ -144,7 +144,8 @@ def refusals() -> dict:
             signal.signal(signal.SIGALRM, on_alarm)
             signal.setitimer(signal.ITIMER_REAL, 0.5)
             try:
-                lib.migrate(s.gpid, b.path, timeout=20.0)
+                # the caller (this child) is not the parent (the runner): say it may lose it
+                lib.migrate(s.gpid, b.path, timeout=20.0, leave_parent=True)
                 msg = "migrated"
             except Interrupted:
                 msg = "interrupted"
