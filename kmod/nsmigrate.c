@@ -2,12 +2,15 @@
 /*
  * nsmigrate: live migration of a process into another PID namespace.
  *
- * A caller with CAP_SYS_ADMIN over both namespaces asks, through an ioctl
- * on /dev/nsmigrate, that a process move into a target PID namespace. The
- * process keeps its memory, files and credentials; it gets a new struct pid
- * allocated in the target (numbers in the target and all its ancestors), a
- * parent there, a new session and process group, and its future children
- * are born there.
+ * A caller with CAP_SYS_ADMIN over both namespaces and ptrace access to a
+ * single-threaded process asks, through an ioctl on /dev/nsmigrate, that
+ * the process move into a target PID namespace. The process keeps its
+ * memory, files and credentials; it gets a new struct pid allocated in the
+ * target (numbers in the target and all its ancestors), a parent there, a
+ * new session and process group, and its future children are born there.
+ * What it owns that names it by its struct pid (POSIX timers, F_SETOWN
+ * owners) follows it; what cannot follow is refused or documented in
+ * kmod/README.md, with every refusal.
  *
  * The switch never writes another task's pid links or nsproxy from outside:
  * it is queued with task_work_add(TWA_SIGNAL) and runs in the migrating
