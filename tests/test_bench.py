@@ -385,7 +385,7 @@ def test_vm_hop_table(vm_bench) -> None:
     assert len({(r["start_time"], r["global_pid"]) for r in restart}) == 4
     # criu, the experiment's own backend: its hops where the PID is free, and in the paper's
     # layout (PID taken in the target) one failed row in CRIU's own words.
-    criu = [r for r in rows if r["backend"] == "criu"]
+    criu = [r for r in rows if r["backend"] == "criu" and r["kind"] == "hop"]
     assert sum(r["status"] == "ok" and not r["warmup"] for r in criu) == 2
     paper = [r for r in criu if r["x"] == -1]
     assert paper and paper[-1]["status"] == "failed" and "criu" in paper[-1]["error"]
