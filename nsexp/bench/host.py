@@ -27,7 +27,7 @@ from typing import Any
 
 from nsexp import records
 from nsexp import testbed as tb
-from nsexp.bench import report, results
+from nsexp.bench import report, results, summary
 from nsexp.bench.results import BenchResult
 
 REPO = Path(__file__).resolve().parents[2]
@@ -257,8 +257,8 @@ def run_benchmarks(
         out["hop"] = results.finish_hop(work, meta, out_dir, kraw)
     elif kraw is not None:
         table, kernel_samples = results.write_kernel_table(kraw, meta, out_dir)
-        summary = {m: results.sm.summarize(v) for m, v in kernel_samples.items() if v}
-        out["kernel"] = BenchResult(table, summary, {}, meta, [table])
+        stats = {m: summary.summarize(v) for m, v in kernel_samples.items() if v}
+        out["kernel"] = BenchResult(table, stats, {}, meta, [table])
     if "scaling" in benchmarks:
         dk = work / "depth_kernel.csv" if "depth_kernel" in cmds else None
         out["scaling"] = results.finish_scaling(work, meta, out_dir, dk)
