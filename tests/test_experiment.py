@@ -194,6 +194,23 @@ def test_interrupt_tears_everything_down(tmp_path, sig):
     assert not any(os.path.exists(f"/proc/{pid}") for pid in tree)
 
 
+def test_a_broken_stage_still_writes_the_run_folder(tmp_path, monkeypatch):
+    """If the stage fails (here: the manager cannot start), run.json says so, nothing is left
+    running, and the error is raised."""
+    from nsexp import hierarchy
+
+    class Broken(hierarchy.Manager):
+        def start(self):
+            raise OSError(98, "Address already in use")
+
+    monkeypatch.setattr(hierarchy, "Manager", Broken)
+    with pytest.raises(OSError, match="in use"):
+        run(LayoutSpec(), "restart", "native", tmp_path, echo=False)
+    meta = json.loads((tmp_path / "run.json").read_text())
+    assert not meta["ok"] and meta["error"] == "OSError: [Errno 98] Address already in use"
+    assert_nothing_left(tmp_path)
+
+
 def _tree_of(parent: int) -> list[int]:
     """Inits (children of ``parent``) of a run."""
     found = []

@@ -175,6 +175,7 @@ def run_here(
     error: str | None = None
     old_term = _install_sigterm()
     interrupted: BaseException | None = None
+    broken: Exception | None = None
     try:
         with hierarchy.serving(
             backend,
@@ -187,6 +188,9 @@ def run_here(
     except (KeyboardInterrupt, _Terminated) as exc:
         error = "interrupted"
         interrupted = exc
+    except Exception as exc:  # the stage itself failed: the run folder still says how
+        error = f"{type(exc).__name__}: {exc}"
+        broken = exc
     finally:
         signal.signal(signal.SIGTERM, old_term)
     ended = dt.datetime.now(dt.UTC)
@@ -208,6 +212,8 @@ def run_here(
     )
     if interrupted is not None:
         raise KeyboardInterrupt from interrupted
+    if broken is not None:
+        raise broken
     return result
 
 
