@@ -264,8 +264,9 @@ def _read_until(fd: int, marker: bytes, timeout: float) -> bytes:
             break
         try:
             chunk = os.read(fd, 4096)
-        except OSError:
-            break
+        except OSError:  # EIO: no slave side open (yet)
+            time.sleep(0.1)
+            continue
         if not chunk:
             break
         buf += chunk
@@ -286,9 +287,8 @@ def shell_on_pty() -> dict:
     """An interactive bash, session leader on a pty, moved: it keeps answering on its
     terminal, which it no longer controls."""
     a, b = Namespace("SPA", 1), Namespace("SPB", 3)  # old and new PIDs differ
-    master, slave_fd = os.openpty()
+    master, slave_fd = os.openpty()  # the slave stays open here: no EIO on the master
     slave = os.ttyname(slave_fd)
-    os.close(slave_fd)
     try:
         shell = fork_into(a.ns_fd, lambda: _shell_on(slave))
         # The terminal echoes what is typed: wait for what only the shell computes.
@@ -310,5 +310,6 @@ def shell_on_pty() -> dict:
         }
     finally:
         os.close(master)
+        os.close(slave_fd)
         a.kill()
         b.kill()
