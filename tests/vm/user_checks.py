@@ -280,12 +280,11 @@ def check_request(out: Path) -> dict:
             results[name] = wait_for(path, marker)
         # The move itself: then the command runs in NS3 as the same process.
         path = out / "request-move.out"
-        ns2.spawn(
-            ["sh", "-c", f"exec {' '.join(req)} --to NS3 -- sh -c "
-             "'echo pid=$$ ppid=$PPID; grep NSpid /proc/self/status; echo END'"],
-            path,
-            env,
-        )  # fmt: skip
+        # What runs after the move: sh prints its PID and parent, then becomes awk, which prints
+        # its own NSpid line (the same process all along).
+        awk = '"/^NSpid/ {print; print \\"END\\"}"'
+        then = f"echo pid=$$ ppid=$PPID; exec awk {awk} /proc/self/status"
+        ns2.spawn(["sh", "-c", f"exec {' '.join(req)} --to NS3 -- sh -c '{then}'"], path, env)
         results["move"] = wait_for(path, "END")
         results["ns3_children_before"] = ns3.children
         return results
