@@ -10,7 +10,7 @@ FIGS   ?= figures/latest
 KERNEL ?=
 PYTEST_ARGS ?=
 
-.PHONY: help setup test run lab figures kmod debug-kernel vm-shell lint format clean lock
+.PHONY: help setup test test-debug run lab figures kmod debug-kernel vm-shell lint format clean lock
 
 help:
 	@echo "make run       set up, build the module, boot the VM, run the paper's experiment ($(OUT))"
@@ -20,6 +20,7 @@ help:
 	@echo "make figures   execute the notebooks with papermill: regenerate data/ and figures/"
 	@echo "make kmod      build kmod/nsmigrate.ko for the default kernel"
 	@echo "make debug-kernel  build (or reuse) the cached debug guest kernel (KASAN, lockdep, ...)"
+	@echo "make test-debug    the module's VM suite, fault injection and fuzz on the debug kernel"
 	@echo "make vm-shell  interactive shell in the VM with the module loaded (KERNEL=<release>)"
 	@echo "make lock      re-resolve the Python dependencies into requirements/lock.txt (hashes)"
 	@echo "make lint      ruff check + ruff format --check"
@@ -28,14 +29,15 @@ help:
 setup:
 	@bash tools/setup.sh
 
-# The debug kernel is built (or found in ~/.cache/nsexp/kernels) as its own step before the
-# tests, never inside a test's timeout: for the whole suite, and for PYTEST_ARGS that name the
-# debug tests (not for "not debug"); a narrower run that reaches them builds it in their fixture.
-WANTS_DEBUG := $(and $(findstring debug,$(PYTEST_ARGS)),$(if $(findstring not debug,$(PYTEST_ARGS)),,y))
-NEEDS_DEBUG_KERNEL := $(if $(strip $(PYTEST_ARGS)),$(if $(WANTS_DEBUG),debug-kernel),debug-kernel)
-
-test: setup $(NEEDS_DEBUG_KERNEL)
+# The debug-kernel suite (tests marked `debug`) is opt-in: it is deselected unless -m names it
+# (tests/conftest.py), and `make test-debug` builds or reuses the kernel as its own step first,
+# never inside a test's timeout. It is not part of `make test` yet: the kernel has not been
+# booted on a machine of ours (see README, "The debug kernel").
+test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-debug: setup debug-kernel
+	$(PY) -m pytest -m debug $(PYTEST_ARGS)
 
 run: setup
 	$(NSEXP) run --backend kmod --testbed vm --out $(OUT) --figures $(FIGS)

@@ -100,8 +100,9 @@ def __migrate(
         mntns_fd=mntns_fd,
     )
     buf = bytearray(req)
+    device = _device()  # its own error names the fix (module not loaded)
     try:
-        fcntl.ioctl(_device(), uapi.IOC_MIGRATE, buf, True)
+        fcntl.ioctl(device, uapi.IOC_MIGRATE, buf, True)
     except OSError as e:
         what = f"pidfd {pid}" if flags & uapi.F_PIDFD else f"process {pid}"
         hint = _HINTS.get(e.errno, "")

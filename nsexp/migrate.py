@@ -44,11 +44,16 @@ examples:
       into the namespace where 77's children are born; the result as one JSON object
   nsexp migrate --pidfd 5 --into-fd 6
       the process and the target named by a pidfd and a namespace fd this command inherited
+  nsexp migrate "$job" --into /proc/77/ns/pid --leave-parent -m /proc/77/ns/mnt
+      move a shell's background job (its parent, the shell, will not see it exit) and let it
+      join 77's mount namespace, so /proc/self works in the target
 
 The module refuses, among others: a PID that does not exist (ESRCH); a kernel thread, a
 namespace init, or a process already in the target (EINVAL); a caller without CAP_SYS_ADMIN over
-both namespaces (EPERM); a multi-threaded process or one with children (EBUSY); a target whose
-init has died (ENXIO); a process that does not reach a safe point in time (ETIMEDOUT).
+both namespaces or without ptrace access to the process (EPERM); a multi-threaded process, one
+with children, one whose parent is neither an init nor this command (without --leave-parent), or
+one on whose CPU clock another process has armed a timer (EBUSY); a target whose init has died
+or that has no init yet (ENXIO); a process that does not reach a safe point in time (ETIMEDOUT).
 See kmod/README.md."""
 
 
@@ -132,6 +137,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "parent instead of the target's init",
     )
     p.add_argument(
+        "--leave-parent",
+        action="store_true",
+        help="allow the move when the old parent is neither a namespace init nor this command: "
+        "that parent then sees its child vanish with no exit status (refused with EBUSY "
+        "otherwise)",
+    )
+    p.add_argument(
+        "-m",
+        "--mount-ns",
+        metavar="NSFILE",
+        help="also join this mount namespace (/proc/Q/ns/mnt) in the same step, as setns(2) "
+        "would, so that /proc, ps and getpid agree in the target; root and cwd become that "
+        "namespace's root",
+    )
+    p.add_argument(
         "--timeout",
         metavar="SECONDS",
         type=_timeout,
@@ -193,7 +213,13 @@ def migrate_once(args: argparse.Namespace) -> dict[str, Any]:
         try:
             lib.abi_version()  # opens the device first: its own error names the fix
             m = lib.migrate(
-                args.pid, fd, pidfd=args.pidfd, parent=args.parent, timeout=args.timeout
+                args.pid,
+                fd,
+                pidfd=args.pidfd,
+                parent=args.parent,
+                timeout=args.timeout,
+                leave_parent=args.leave_parent,
+                mntns=args.mount_ns,
             )
         except OSError as e:
             # lib's message carries the kernel's errno in words and the reason (lib._HINTS).
