@@ -82,6 +82,7 @@ def provenance(
         "backend": collect("backend"),
         "testbed": collect("testbed"),
         "kernel": collect("kernel"),
+        "accel": collect("accel"),
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "code_version": records.code_version(),
         "run_ids": [str(m.get("run_id")) for m in metas if m.get("run_id") is not None],

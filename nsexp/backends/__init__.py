@@ -1,9 +1,10 @@
 """Migration backends: one interface, three mechanisms (kmod, restart, criu).
 
 The manager side (``Backend``) runs in the manager, in the global namespace, one call per
-request: ``migrate()`` on the manager's event loop (or in its pool for a stopped requester), the
-slow ``after_reply`` part in the pool (docs/manager.md). The worker side (``WorkerSide``) runs in the migrating
-process and says what to send and what to do with the reply. Standard library only.
+request: ``migrate()`` on the manager's event loop (or in its pool for a stopped requester),
+the slow ``after_reply`` part in the pool (docs/manager.md). The worker side (``WorkerSide``)
+runs in the migrating process and says what to send and what to do with the reply. Standard
+library only.
 """
 
 from __future__ import annotations

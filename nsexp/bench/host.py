@@ -243,6 +243,7 @@ def run_benchmarks(
     }
     meta.update(
         kernel=batch.kernel_release,
+        accel=batch.accel,
         boot_and_batch_s=round(batch.duration_s, 1),
         kernel_log_problems=batch.kernel_log_problems(),
         raw_dir=str(work),

@@ -169,6 +169,7 @@ def _run_vm(
                     print(f"[guest] {line}")
         facts = {
             "kernel_release": batch.kernel_release,
+            "accel": batch.accel,
             "module_loaded": batch.module_loaded,
             "module_unloaded": batch.module_unloaded,
             "kernel_log_problems": batch.kernel_log_problems(),
@@ -190,6 +191,7 @@ def _vm_result(
     path = out / records.RUN_FILE
     meta: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     meta["vm"] = facts
+    meta["accel"] = facts["accel"]  # KVM or TCG emulation: timings differ by an order of magnitude
     error = meta.get("error")
     if not meta.get("run_id"):
         error = f"the guest run wrote no run.json (exit {facts['returncode']}): {stderr[-2000:]}"
