@@ -222,7 +222,8 @@ def attempt(p: dict, subject: Subject, a: Namespace, b: Namespace) -> dict:
         err = migrate(subject, b)
     finally:
         injected = fault.disarm()
-        make_it_fail(who, False)
+        # a move that went through despite the fault gave the subject a new global PID
+        make_it_fail(os.getpid() if p["side"] == "caller" else subject.gpid, False)
     after = snapshot(subject, a)
     counters_after = stats()
     changed = {k: [before[k], after[k]] for k in before if before[k] != after[k]}
