@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
 import json
 import os
 import random
@@ -29,7 +28,7 @@ import traceback
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "kmod_checks"))
 
-from harness import WORK, Namespace, fork_into, ioctl_ptr, lib, settle, stats, uapi  # noqa: E402
+from harness import WORK, Namespace, fork_into, ioctl_errno, lib, settle, stats, uapi  # noqa: E402
 
 #: errnos the module may answer; anything else is reported
 EXPECTED = {
@@ -184,14 +183,7 @@ class Worker:
 
     def call(self, dev: int) -> None:
         cmd, arg = self.request()
-        if isinstance(arg, int):
-            e = ioctl_ptr(dev, cmd, arg)
-        else:
-            try:
-                fcntl.ioctl(dev, cmd, arg, True)
-                e = 0
-            except OSError as ex:
-                e = ex.errno
+        e = ioctl_errno(dev, cmd, arg)
         name = errno.errorcode.get(e, str(e)) if e else "ok"
         self.counts[name] = self.counts.get(name, 0) + 1
         if e not in EXPECTED and len(self.unexpected) < 20:

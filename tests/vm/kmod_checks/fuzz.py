@@ -9,7 +9,7 @@ from harness import (
     Namespace,
     Subject,
     check,
-    ioctl_ptr,
+    ioctl_errno,
     lib,
     uapi,
 )
@@ -18,7 +18,6 @@ from harness import (
 @check
 def fuzz() -> dict:
     """Random ioctl calls; the valid-looking ones only ever name sacrificial processes."""
-    import fcntl
 
     n = int(os.environ.get("NSM_FUZZ", "100000"))
     a, b = Namespace("FA", 1), Namespace("FB", 1)
@@ -50,14 +49,7 @@ def fuzz() -> dict:
                 )
                 arg = bytearray(r)
             cmd = uapi.IOC_MIGRATE if rng.random() < 0.95 else rng.getrandbits(32)
-            if isinstance(arg, int):
-                e = ioctl_ptr(dev, cmd, arg)
-            else:
-                try:
-                    fcntl.ioctl(dev, cmd, arg, True)
-                    e = 0
-                except OSError as ex:
-                    e = ex.errno
+            e = ioctl_errno(dev, cmd, arg)
             counts[e] = counts.get(e, 0) + 1
             if i % 20000 == 0:
                 print(f"fuzz {i}/{n}", flush=True)

@@ -20,7 +20,7 @@ import traceback
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 sys.path.insert(0, REPO)
 
-from nsexp import lib, uapi  # noqa: E402
+from nsexp import lib, uapi  # noqa: E402, F401 (uapi: re-exported to the checks)
 from nsexp.nsutil import CLONE_NEWPID, private_proc, setns, unshare  # noqa: E402
 
 libc = ctypes.CDLL(None, use_errno=True)
@@ -402,11 +402,14 @@ def ioctl_ptr(dev: int, cmd: int, ptr: int) -> int:
     return ctypes.get_errno() if rc == -1 else 0
 
 
-def _ioctl_buf(dev: int, data: bytes) -> int:
+def ioctl_errno(dev: int, cmd: int, arg: int | bytearray) -> int:
+    """ioctl(2) with a buffer (the reply copied back into it) or a raw pointer; the errno."""
+    if isinstance(arg, int):
+        return ioctl_ptr(dev, cmd, arg)
     import fcntl
 
     try:
-        fcntl.ioctl(dev, uapi.IOC_MIGRATE, bytearray(data), True)
+        fcntl.ioctl(dev, cmd, arg, True)
     except OSError as e:
         return e.errno
     return 0

@@ -10,10 +10,9 @@ import time
 from harness import (
     Namespace,
     Subject,
-    _ioctl_buf,
     check,
     exists,
-    ioctl_ptr,
+    ioctl_errno,
     lib,
     migrate_errno,
     nspid,
@@ -212,13 +211,8 @@ def bad_ioctl() -> dict:
     res: dict = {}
 
     def call(req_bytes: bytes | int, cmd: int = uapi.IOC_MIGRATE) -> int:
-        if isinstance(req_bytes, int):
-            return ioctl_ptr(dev, cmd, req_bytes)
-        try:
-            fcntl.ioctl(dev, cmd, bytearray(req_bytes), True)
-        except OSError as e:
-            return e.errno
-        return 0
+        arg = req_bytes if isinstance(req_bytes, int) else bytearray(req_bytes)
+        return ioctl_errno(dev, cmd, arg)
 
     def req(**kw) -> bytes:
         base = dict(
@@ -250,13 +244,13 @@ def bad_ioctl() -> dict:
         s1 = Subject(a)
         res["v1_request"] = call(req(version=1, pid=s1.gpid))
         big = req(size=uapi.REQ_SIZE_VER2 + 8) + b"\1" * 8
-        res["size_80_nonzero_tail"] = _ioctl_buf(dev, big)
+        res["size_80_nonzero_tail"] = ioctl_errno(dev, uapi.IOC_MIGRATE, bytearray(big))
         res["reserved_nonzero"] = call(req(size=uapi.REQ_SIZE_VER2, reserved=1))
         res["state_after"] = s.outside()
         # A larger struct from a newer caller with a zero tail is accepted.
         s2 = Subject(a)
         big = req(size=uapi.REQ_SIZE_VER2 + 8, pid=s2.gpid) + b"\0" * 8
-        res["size_80_zero_tail"] = _ioctl_buf(dev, big)
+        res["size_80_zero_tail"] = ioctl_errno(dev, uapi.IOC_MIGRATE, bytearray(big))
         # The two pidfd forms.
         pidfd_task = os.pidfd_open(s.gpid)
         pidfd_target = os.pidfd_open(b.init)
