@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import struct
 import weakref
 from typing import Any
 
@@ -21,6 +22,7 @@ from nsexp import protocol
 from nsexp.errors import NsexpError
 
 DEFAULT_SOCKET = "/run/nsexp/manager.sock"
+_TIMEVAL = struct.Struct("ll")  # struct timeval: tv_sec, tv_usec
 
 
 class ManagerError(NsexpError):
@@ -64,6 +66,7 @@ class Client:
         self.timeout = timeout
         self.reconnect = reconnect
         self._sock: socket.socket | None = None
+        self._receiver: protocol.Receiver | None = None
         self._answered = False  # the open connection has carried a request and its reply
         _clients.add(self)
 
@@ -87,7 +90,16 @@ class Client:
             raise ManagerUnavailable(
                 "unavailable", f"cannot connect to {self.path}: {exc.strerror or exc}"
             ) from None
+        # The timeout is the kernel's from here on (SO_RCVTIMEO/SO_SNDTIMEO): a Python socket
+        # timeout would poll() before every send and recv, one more system call each.
+        sock.settimeout(None)
+        if self.timeout is not None:
+            sec = max(self.timeout, 1e-6)
+            tv = _TIMEVAL.pack(int(sec), int(sec % 1 * 1e6))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
         self._sock = sock
+        self._receiver = protocol.Receiver()
         self._answered = False
 
     def close(self) -> None:
@@ -95,6 +107,7 @@ class Client:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+            self._receiver = None
 
     def _drop(self) -> None:
         self.close()
@@ -144,7 +157,8 @@ class Client:
                 self.connect()
                 assert self._sock is not None
                 self._sock.sendall(frame)
-            reply = protocol.recv_msg(self._sock)
+            assert self._receiver is not None
+            reply = self._receiver.recv(self._sock)
             self._answered = True
             return reply
         except protocol.ConnectionClosed:
@@ -155,7 +169,7 @@ class Client:
         except protocol.ProtocolError as exc:
             self.close()
             raise ManagerError(exc.code, f"bad reply from the manager: {exc.message}") from None
-        except TimeoutError:
+        except (TimeoutError, BlockingIOError):  # BlockingIOError: SO_RCVTIMEO/SO_SNDTIMEO
             self.close()  # a late reply would be read as the answer to the next request
             raise ManagerUnavailable("timeout", "no reply from the manager in time") from None
         except OSError as exc:

@@ -22,6 +22,9 @@ MAX_FRAME = 64 * 1024
 HEADER = struct.Struct(">I")
 UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 CMSG_CREDS_SPACE = socket.CMSG_SPACE(UCRED.size)
+# One encoder for every frame: json.dumps() with separators builds a new one per call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
+_DECODER = json.JSONDecoder()
 
 
 class Credentials(NamedTuple):
@@ -74,16 +77,16 @@ def encode(obj: dict[str, Any]) -> bytes:
         raise TypeError("a message is a JSON object")
     if "v" not in obj:
         obj = {"v": VERSION, **obj}
-    body = json.dumps(obj, separators=(",", ":")).encode()
+    body = _ENCODER.encode(obj).encode()
     if len(body) > MAX_FRAME:
         raise ProtocolError("too_large", f"message of {len(body)} bytes exceeds {MAX_FRAME}")
     return HEADER.pack(len(body)) + body
 
 
-def decode_body(body: bytes) -> dict[str, Any]:
+def decode_body(body: bytes | bytearray | memoryview) -> dict[str, Any]:
     """Parse and validate a frame body (without its length prefix)."""
     try:
-        obj = json.loads(body.decode())
+        obj = _DECODER.decode(str(body, "utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise ProtocolError("malformed", f"frame is not valid UTF-8 JSON: {exc}") from None
     if not isinstance(obj, dict):
@@ -122,6 +125,14 @@ class FrameReader:
         self, data: bytes, creds: Credentials | None
     ) -> list[tuple[Credentials | None, dict[str, Any] | ProtocolError]]:
         """Add received bytes; return the frames completed by them (or their errors)."""
+        if not self._buf and len(data) > HEADER.size:
+            # The common case: the chunk is exactly one whole frame (no copy into the buffer).
+            (length,) = HEADER.unpack_from(data)
+            if len(data) == HEADER.size + length and length <= self.max_frame:
+                try:
+                    return [(creds, decode_body(memoryview(data)[HEADER.size :]))]
+                except ProtocolError as exc:
+                    return [(creds, exc)]
         out: list[tuple[Credentials | None, dict[str, Any] | ProtocolError]] = []
         view = memoryview(data)
         while view:
@@ -170,6 +181,51 @@ def recv_msg(sock: socket.socket, max_frame: int = MAX_FRAME) -> dict[str, Any]:
     if length > max_frame:
         raise ProtocolError("too_large", f"frame of {length} bytes exceeds {max_frame}", True)
     return decode_body(_recv_exact(sock, length, True))
+
+
+class Receiver:
+    """Reads frames from one blocking socket, usually one recv() per frame.
+
+    recv_msg() reads the header and the body apart (two system calls, no byte past the frame);
+    this reader asks for as much as fits and keeps what follows the frame for the next call,
+    so it must be the only reader of its socket.
+    """
+
+    def __init__(self, max_frame: int = MAX_FRAME) -> None:
+        self.max_frame = max_frame
+        self._buf = bytearray(HEADER.size + max_frame)
+        self._view = memoryview(self._buf)
+        self._have = 0  # bytes received and not yet returned
+
+    def recv(self, sock: socket.socket) -> dict[str, Any]:
+        """Read one frame; raises ProtocolError, ConnectionClosed or OSError (as recv_msg)."""
+        need = HEADER.size
+        length = -1
+        while True:
+            if self._have >= need:
+                if length < 0:
+                    (length,) = HEADER.unpack_from(self._buf)
+                    if length > self.max_frame:
+                        self._have = 0
+                        msg = f"frame of {length} bytes exceeds {self.max_frame}"
+                        raise ProtocolError("too_large", msg, True)
+                    need = HEADER.size + length
+                    continue
+                body = self._view[HEADER.size : need]
+                try:
+                    return decode_body(body)
+                finally:
+                    body.release()
+                    rest = self._have - need
+                    if rest:
+                        self._buf[:rest] = self._buf[need : self._have]
+                    self._have = rest
+            n = sock.recv_into(self._view[self._have :])
+            if not n:
+                partial = self._have > 0
+                self._have = 0
+                raise ConnectionClosed(partial=partial)
+            self._have += n
 
 
 def send_msg(sock: socket.socket, obj: dict[str, Any]) -> None:

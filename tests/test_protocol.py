@@ -7,6 +7,8 @@ import json
 import os
 import socket
 import struct
+import threading
+import time
 
 import pytest
 
@@ -169,3 +171,38 @@ def test_kernel_attaches_the_current_sender_to_each_message():
         (b"parent", protocol.Credentials(os.getpid(), os.getuid(), os.getgid())),
         (b"child", protocol.Credentials(child, os.getuid(), os.getgid())),
     ]
+
+
+def test_receiver_one_read_per_frame_keeps_what_follows(pair):
+    """Receiver (the client's reader): frames glued in one write, a frame split over writes,
+    then the errors recv_msg gives (too large, closed inside a frame)."""
+    a, b = pair
+    reader = protocol.Receiver()
+    a.sendall(protocol.encode({"n": 1}) + protocol.encode({"n": 2, "s": "é"}))
+    assert reader.recv(b)["n"] == 1
+    assert reader.recv(b) == {"v": protocol.VERSION, "n": 2, "s": "é"}
+    frame = protocol.encode({"n": 3, "pad": "p" * 5000})
+
+    def trickle():
+        for k in range(0, len(frame), 1000):
+            a.sendall(frame[k : k + 1000])
+            time.sleep(0.01)
+
+    t = threading.Thread(target=trickle)
+    t.start()
+    assert reader.recv(b)["n"] == 3
+    t.join()
+    a.sendall(raw_frame(b"nope"))
+    with pytest.raises(protocol.ProtocolError) as ei:
+        reader.recv(b)
+    assert ei.value.code == "malformed"
+    a.sendall(struct.pack(">I", protocol.MAX_FRAME + 1))
+    with pytest.raises(protocol.ProtocolError) as ei:
+        reader.recv(b)
+    assert ei.value.code == "too_large" and ei.value.fatal
+    reader = protocol.Receiver()
+    a.sendall(raw_frame(b'{"v": 2}')[:7])
+    a.shutdown(socket.SHUT_WR)
+    with pytest.raises(protocol.ConnectionClosed) as ei:
+        reader.recv(b)
+    assert ei.value.partial

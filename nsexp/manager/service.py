@@ -11,7 +11,7 @@ import grp
 import itertools
 import logging
 import os
-import selectors
+import select
 import socket
 import stat
 import threading
@@ -55,7 +55,39 @@ class _Conn:
         self.busy = False  # a request of this connection is being served by a pool thread
         self.closing = False  # close once ``out`` is flushed
         self.partial_since: float | None = None  # a frame started, not finished
-        self.known: tuple[int, Namespace | None, int, str] | None = None  # Manager._locate
+        self.known: _Known | None = None  # the last sender seen on it (Manager._identify)
+
+
+class _Known:
+    """A sender, with an open /proc/PID/stat that tells whether it is still that process.
+
+    The fd pins the struct pid the number named when it was opened: reading it fails (ESRCH)
+    once that pid has no task (the process exited, or a kmod move gave it a new pid). While it
+    reads, the number still names the same process, whose namespace and pid there are fixed
+    (a move always allocates a new pid), so one pread() per message proves the cached view.
+    """
+
+    __slots__ = ("pid", "fd", "source", "pid_in_ns", "peer")
+
+    def __init__(self, pid: int, fd: int, source: Namespace | None, pid_in_ns: int) -> None:
+        self.pid = pid
+        self.fd = fd
+        self.source = source
+        self.pid_in_ns = pid_in_ns
+        self.peer: Peer | None = None  # built for the first message's credentials
+
+    def state(self) -> str | None:
+        """The process's state letter now, or None if it is not that process any more."""
+        try:
+            stat = os.pread(self.fd, 1024, 0)  # "PID (COMM) S ...": comm may hold ")"
+        except OSError:
+            return None
+        return chr(stat[stat.rindex(b")") + 2])
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class Manager:
@@ -108,6 +140,7 @@ class Manager:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._conns: dict[int, _Conn] = {}  # by fd; the loop's own
+        self._partial: set[_Conn] = set()  # connections in the middle of a frame
         self._done: collections.deque[tuple[_Conn, bool]] = collections.deque()
         self._wake_r, self._wake_w = -1, -1
         self._lock = threading.Lock()
@@ -216,6 +249,8 @@ class Manager:
             self._wake_r, self._wake_w = -1, -1
         for conn in list(self._conns.values()):
             conn.sock.close()
+            if conn.known is not None:
+                conn.known.close()
         self._conns.clear()
         if self._sock is not None:
             self._sock.close()
@@ -237,34 +272,37 @@ class Manager:
         assert self._sock is not None
         self._sock.setblocking(False)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._sel = selectors.DefaultSelector()
-        self._sel.register(self._sock, selectors.EVENT_READ, "accept")
-        self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        # epoll itself rather than selectors: its bookkeeping costs a few microseconds per
+        # wake-up natively, tens of times that under emulation. Events are looked up by fd.
+        self._ep = select.epoll()
+        listening, wake = self._sock.fileno(), self._wake_r
+        self._ep.register(listening, select.EPOLLIN)
+        self._ep.register(wake, select.EPOLLIN)
+        conns = self._conns
         try:
             while not self._stop.is_set():
-                for key, mask in self._sel.select(self._select_timeout()):
-                    if key.data == "accept":
+                for fd, _ in self._ep.poll(self._poll_timeout() if self._partial else -1):
+                    if fd == listening:
                         self._accept()
-                    elif key.data == "wake":
+                    elif fd == wake:
                         self._drain_wakeups()
-                    else:
-                        self._on_event(key.data, mask)
-                self._expire_partial_frames()
+                    elif (conn := conns.get(fd)) is not None and conn.events:
+                        self._on_event(conn)
+                if self._partial:
+                    self._expire_partial_frames()
         finally:
             for conn in list(self._conns.values()):
                 if not conn.busy:
                     self._close(conn)
-            self._sel.close()
+            self._ep.close()
 
-    def _select_timeout(self) -> float | None:
+    def _poll_timeout(self) -> float:
         # A busy connection is not read (its pool thread owns it): its clock waits.
         started = [
-            c.partial_since
-            for c in self._conns.values()
-            if c.partial_since is not None and not c.busy
+            c.partial_since for c in self._partial if c.partial_since is not None and not c.busy
         ]
         if not started:
-            return None
+            return -1
         return max(0.0, min(started) + self.read_timeout - time.monotonic())
 
     def _accept(self) -> None:
@@ -292,28 +330,34 @@ class Manager:
         """Point the selector at what ``conn`` waits for: a reply to flush, a request, nothing."""
         want = 0
         if not conn.busy:
-            want = selectors.EVENT_WRITE if conn.out else selectors.EVENT_READ
+            want = select.EPOLLOUT if conn.out else select.EPOLLIN
         if want == conn.events:
             return
         if conn.events == 0:
-            self._sel.register(conn.sock, want, conn)
+            self._ep.register(conn.sock.fileno(), want)
         elif want == 0:
-            self._sel.unregister(conn.sock)
+            self._ep.unregister(conn.sock.fileno())
         else:
-            self._sel.modify(conn.sock, want, conn)
+            self._ep.modify(conn.sock.fileno(), want)
         conn.events = want
 
     def _close(self, conn: _Conn) -> None:
         if conn.events:
-            self._sel.unregister(conn.sock)
+            self._ep.unregister(conn.sock.fileno())
             conn.events = 0
         self._conns.pop(conn.sock.fileno(), None)
+        self._partial.discard(conn)
         conn.sock.close()
+        if conn.known is not None:
+            conn.known.close()
+            conn.known = None
 
-    def _on_event(self, conn: _Conn, mask: int) -> None:
-        if mask & selectors.EVENT_WRITE:
+    def _on_event(self, conn: _Conn) -> None:
+        # What the connection is watched for says what to do (a hang-up or an error is
+        # reported either way, and the send or the recv then sees it).
+        if conn.events == select.EPOLLOUT:
             self._flush(conn)
-        elif mask & selectors.EVENT_READ:
+        else:
             self._read(conn)
         if conn.sock.fileno() >= 0:
             self._advance(conn)
@@ -336,18 +380,22 @@ class Manager:
         for creds, item in conn.reader.feed(data, protocol.parse_credentials(anc)):
             conn.pending.append((creds, item, received))
         if not conn.reader.partial:
-            conn.partial_since = None
+            if conn.partial_since is not None:
+                conn.partial_since = None
+                self._partial.discard(conn)
         elif conn.partial_since is None:
             conn.partial_since = time.monotonic()
+            self._partial.add(conn)
 
     def _expire_partial_frames(self) -> None:
         now = time.monotonic()
-        for conn in list(self._conns.values()):
+        for conn in list(self._partial):
             if conn.busy or conn.partial_since is None:
                 continue
             if now - conn.partial_since > self.read_timeout:
                 log.warning("a frame was not completed within %.1fs: dropped", self.read_timeout)
                 conn.partial_since = None
+                self._partial.discard(conn)
                 conn.pending.clear()
                 conn.closing = True
                 self._queue(conn, protocol.error_reply("timeout", "frame not completed in time"))
@@ -411,8 +459,21 @@ class Manager:
         self._queue(conn, reply)
 
     def _queue(self, conn: _Conn, reply: dict[str, Any]) -> None:
-        conn.out += protocol.encode(reply)
-        self._flush(conn)
+        frame = protocol.encode(reply)
+        if conn.out:
+            conn.out += frame
+            self._flush(conn)
+            return
+        try:  # nothing waits before it: straight to the kernel, the rest (if any) kept
+            sent = conn.sock.send(frame, socket.MSG_NOSIGNAL)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            log.warning("could not send reply: %s", exc)
+            conn.closing = True
+            return
+        if sent < len(frame):
+            conn.out += frame[sent:]
 
     def _flush(self, conn: _Conn) -> bool:
         """Send what the kernel takes now; True once nothing is left."""
@@ -448,7 +509,7 @@ class Manager:
     ) -> None:
         keep = False  # whether the connection goes back to the loop
         try:
-            peer = self._identify(conn, creds)
+            peer, _ = self._identify(conn, creds)
             keep = self._handle(conn.sock, peer, req, received)
         except Unidentified as exc:
             log.warning("cannot identify the sender: %s", exc)
@@ -474,14 +535,16 @@ class Manager:
         """Serve a migration on the loop; False if its requester cannot reach a safe point
         soon (stopped, traced, in uninterruptible sleep): then it is the pool's."""
         try:
-            peer = self._identify(conn, creds, fresh=True)
+            peer, state = self._identify(conn, creds)
         except Unidentified as exc:
             self._queue(conn, protocol.error_reply("unknown_peer", str(exc)))
             return True
-        if conn.known is not None and conn.known[3] in _NOT_RUNNABLE:
+        if state in _NOT_RUNNABLE:
             return False
+        replies: list[dict[str, Any]] = []
 
         def send(reply: dict[str, Any]) -> bool:
+            replies.append(reply)
             self._queue(conn, reply)
             return not conn.closing  # _flush marks a connection whose peer is gone
 
@@ -490,7 +553,25 @@ class Manager:
 
         if not self._migrate(send, conn.sock, peer, req, received, defer):
             conn.closing = True
+        elif not conn.busy and replies and replies[-1].get("ok"):
+            self._learn_moved(conn, replies[-1].get("global_pid"))
         return True
+
+    def _learn_moved(self, conn: _Conn, global_pid: Any) -> None:
+        """After a reply that says the requester now has ``global_pid`` (kmod): open its new
+        view while the client reads the reply, not when its next message arrives. Nothing is
+        taken from the reply but where to look: _identify() proves the view per message."""
+        if not isinstance(global_pid, int) or global_pid <= 0:
+            return
+        if conn.known is not None and conn.known.pid == global_pid:
+            return
+        try:
+            known, _ = self._open_known(global_pid)
+        except Unidentified:
+            return
+        if conn.known is not None:
+            conn.known.close()
+        conn.known = known
 
     def _after_reply_off_loop(self, conn: _Conn, after_reply: Callable[[], None]) -> None:
         try:
@@ -514,27 +595,68 @@ class Manager:
 
     def _ping_on_loop(self, conn: _Conn, creds: Credentials | None) -> dict[str, Any]:
         try:
-            return self._ping(self._identify(conn, creds))
+            return self._ping(self._identify(conn, creds)[0])
         except Unidentified as exc:
             return protocol.error_reply("unknown_peer", str(exc))
 
     # -- who is asking -----------------------------------------------------------------------
 
-    def _identify(self, conn: _Conn, creds: Credentials | None, fresh: bool = False) -> Peer:
-        """The sender of one message, from its kernel credentials (``fresh``: its state now)."""
+    def _identify(self, conn: _Conn, creds: Credentials | None) -> tuple[Peer, str]:
+        """The sender of one message, from its kernel credentials, and its state letter now.
+
+        The connection's last sender is re-checked with one pread() (see _Known); a new pid, or
+        a view that fails that check, is looked up afresh in /proc.
+        """
         if creds is None or creds.pid <= 0:
             raise Unidentified("the message carried no sender credentials")
-        known = conn.known  # one connection, one pid: the same process (it is alive: it sent)
-        if fresh or known is None or known[0] != creds.pid:
-            known = self._locate(creds.pid)
+        known = conn.known
+        state = known.state() if known is not None and known.pid == creds.pid else None
+        if state is None:
+            if known is not None:
+                known.close()
+                conn.known = None
+            known, state = self._open_known(creds.pid)
             conn.known = known
-        return Peer(creds.pid, creds.uid, creds.gid, known[1], known[2])
+        peer = known.peer
+        if peer is None or peer.uid != creds.uid or peer.gid != creds.gid:
+            peer = Peer(creds.pid, creds.uid, creds.gid, known.source, known.pid_in_ns)
+            known.peer = peer
+        return peer, state
+
+    def _open_known(self, pid: int) -> tuple[_Known, str]:
+        """Open the view of ``pid``: its /proc/PID/stat kept open, its namespace, its pid there.
+
+        The stat fd is opened first and read last: if that read works, the same process held
+        the pid throughout, so the namespace link and the status read in between are its own.
+        """
+        try:
+            fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise Unidentified(f"pid {pid} is gone: {exc.strerror}") from None
+        try:
+            link = os.readlink(f"/proc/{pid}/ns/pid")  # "pid:[INODE]"
+            status_fd = os.open(f"/proc/{pid}/status", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                status = os.read(status_fd, 16384)
+            finally:
+                os.close(status_fd)
+        except OSError as exc:
+            os.close(fd)
+            raise Unidentified(f"pid {pid} is gone: {exc.strerror}") from None
+        inode = int(link[link.index("[") + 1 : -1])
+        source = next((ns for ns in self.registry.values() if ns.inode == inode), None)
+        known = _Known(pid, fd, source, int(_status_field(status, b"NSpid").split()[-1]))
+        state = known.state()
+        if state is None:
+            known.close()
+            raise Unidentified(f"pid {pid} is gone")
+        return known, state
 
     def _locate(self, pid: int) -> tuple[int, Namespace | None, int, str]:
         """(pid, its registered namespace or None, its pid there, its state letter).
 
-        On every migration's path, so it reads only what it needs: one readlink and one read
-        of /proc/PID/status (nsutil.proc_info reads three files, several times slower).
+        The legacy path's lookup, kept as it was (one readlink, one read of /proc/PID/status
+        per request); the loop keeps a view per connection instead (_identify).
         """
         try:
             link = os.readlink(f"/proc/{pid}/ns/pid")  # "pid:[INODE]"
