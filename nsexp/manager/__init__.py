@@ -1,6 +1,6 @@
 """The migration manager: a Unix-socket service in the global PID namespace.
 
-One thread runs an event loop (selectors) over every client connection; a connection lives as
+One thread runs an event loop (epoll) over every client connection; a connection lives as
 long as its process wants (a worker keeps one across all its hops). The caller of each request
 is the sender the kernel names for that message: the listening socket has SO_PASSCRED, so every
 message arrives with SCM_CREDENTIALS holding the sender's current pid, translated into the
