@@ -61,9 +61,9 @@ class ClaimsAnotherPid(Backend):
         return {"pid": 1, "global_pid": self.other, "timings": {}}
 
 
-def test_pid_in_a_reply_is_only_where_to_look(sock, two_ns, tmp_path):
-    """After a migration the loop opens the view of the pid the backend reported (kmod: the
-    mover's new pid) ahead of the next message; a wrong one never names the sender."""
+def test_pid_in_a_reply_never_names_the_sender(sock, two_ns, tmp_path):
+    """A backend's reply naming another process as the requester's new pid changes nothing:
+    the next message is identified by its own credentials."""
     ns = two_ns.namespaces
     decoy = subprocess.Popen(["sleep", "30"])
     out = tmp_path / "seen.json"

@@ -541,37 +541,19 @@ class Manager:
             return True
         if state in _NOT_RUNNABLE:
             return False
-        replies: list[dict[str, Any]] = []
 
         def send(reply: dict[str, Any]) -> bool:
-            replies.append(reply)
             self._queue(conn, reply)
             return not conn.closing  # _flush marks a connection whose peer is gone
 
         def defer(after_reply: Callable[[], None]) -> None:
             self._hand_to_pool(conn, self._after_reply_off_loop, conn, after_reply)
 
+        # No look-up of the mover's new pid here, ahead of its next message: the client was
+        # just woken on this CPU (a sync wake-up) and would wait for it (seen in the VM).
         if not self._migrate(send, conn.sock, peer, req, received, defer):
             conn.closing = True
-        elif not conn.busy and replies and replies[-1].get("ok"):
-            self._learn_moved(conn, replies[-1].get("global_pid"))
         return True
-
-    def _learn_moved(self, conn: _Conn, global_pid: Any) -> None:
-        """After a reply that says the requester now has ``global_pid`` (kmod): open its new
-        view while the client reads the reply, not when its next message arrives. Nothing is
-        taken from the reply but where to look: _identify() proves the view per message."""
-        if not isinstance(global_pid, int) or global_pid <= 0:
-            return
-        if conn.known is not None and conn.known.pid == global_pid:
-            return
-        try:
-            known, _ = self._open_known(global_pid)
-        except Unidentified:
-            return
-        if conn.known is not None:
-            conn.known.close()
-        conn.known = known
 
     def _after_reply_off_loop(self, conn: _Conn, after_reply: Callable[[], None]) -> None:
         try:
