@@ -1142,9 +1142,11 @@ static int nsm_move(struct task_struct *leader, struct nsm_work *w,
 	w->t_queued = ktime_get_ns();
 	for (i = 0; i < NSM_ATTEMPTS; i++) {
 		now = ktime_get_ns();
-		if (now >= deadline)
+		/* The first attempt runs even with no time left: ETIMEDOUT. */
+		if (i && now >= deadline)
 			break;
-		err = nsm_attempt(leader, w, deadline - now, req);
+		err = nsm_attempt(leader, w, now < deadline ? deadline - now : 0,
+				  req);
 		if (err != -EAGAIN)
 			return err;
 		atomic_long_inc(&nsm_retried);
