@@ -3,24 +3,28 @@
  * nsmigrate: live migration of a process into another PID namespace.
  *
  * A caller with CAP_SYS_ADMIN over both namespaces and ptrace access to a
- * single-threaded process asks, through an ioctl on /dev/nsmigrate, that
- * the process move into a target PID namespace. The process keeps its
- * memory, files and credentials; it gets a new struct pid allocated in the
- * target (numbers in the target and all its ancestors), a parent there, a
- * new session and process group, and its future children are born there.
+ * process asks, through an ioctl on /dev/nsmigrate, that the process move
+ * into a target PID namespace, all its threads in one step. The process
+ * keeps its memory, files and credentials; each thread gets a new struct
+ * pid allocated in the target (numbers in the target and all its
+ * ancestors), the process a parent there, a new session and process group,
+ * and its future children and threads are born there.
  * What it owns that names it by its struct pid (POSIX timers, F_SETOWN
  * owners) follows it; what cannot follow is refused or documented in
  * kmod/README.md, with every refusal.
  *
- * The switch never writes another task's pid links or nsproxy from outside:
- * it is queued with task_work_add(TWA_SIGNAL) and runs in the migrating
- * task's own context on its way back to user space, where it cannot be
- * forking. The ioctl waits for it, bounded and interruptibly.
+ * The switch never writes the pid links of a task that could be running:
+ * a task work queued with task_work_add(TWA_SIGNAL) on every thread parks
+ * each thread in its own context on its way back to user space, where it
+ * cannot be cloning; the last thread to arrive relinks them all under
+ * tasklist_lock, and each thread then switches its own nsproxy. The ioctl
+ * waits for it, bounded and interruptibly.
  */
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
 
 #include <linux/atomic.h>
 #include <linux/capability.h>
+#include <linux/delay.h>
 #include <linux/completion.h>
 #include <linux/file.h>
 #include <linux/fs.h>
@@ -53,6 +57,8 @@
 #include "nsmigrate.h"
 
 #define NSM_VERSION "2.0"
+/* Attempts while the set of threads changes under the move. */
+#define NSM_ATTEMPTS 50
 
 /* Kernel symbols this module needs but the kernel does not export. */
 static struct {
@@ -132,50 +138,163 @@ enum nsm_busy {
 	NSM_B_VFORK,
 	NSM_B_PARENT,
 	NSM_B_CPU_TIMER,
+	NSM_B_IO_WORKER,
+	NSM_B_EXEC,
 	NSM_B_MAX,
 };
 
 static const char * const nsm_busy_names[NSM_B_MAX] = {
 	"threads", "children", "ptrace", "vfork", "parent", "foreign_cpu_timer",
+	"io_worker", "exec",
 };
 
 static atomic_long_t nsm_busy[NSM_B_MAX];
 static atomic_long_t nsm_done;
+static atomic_long_t nsm_retried;
 static atomic_long_t nsm_in_flight;
 static atomic_long_t nsm_refused[NSM_R_MAX];
 
-/*
- * One queued switch. The waiter and the task work each hold a reference;
- * @state decides, exactly once, whether the switch runs or is abandoned.
- */
-enum nsm_state { NSM_QUEUED, NSM_RUNNING, NSM_ABANDONED };
-
+/* One request: what the caller asked, shared by its attempts. */
 struct nsm_work {
-	struct callback_head cb;
 	refcount_t ref;
-	atomic_t state;
-	struct completion done;
 	struct pid_namespace *target;
 	struct pid *parent;
 	struct pid *caller;
 	struct ns_common *mntns;	/* held by the waiter's file */
 	u32 flags;
-	struct pid *new_pid;
-	int err;
 	u64 t_queued;
-	u64 t_start;
-	u64 t_done;
 };
 
 static void nsm_work_put(struct nsm_work *w)
 {
 	if (!refcount_dec_and_test(&w->ref))
 		return;
-	put_pid(w->new_pid);
 	put_pid(w->parent);
 	put_pid(w->caller);
 	put_pid_ns(w->target);
 	kfree(w);
+}
+
+/*
+ * One attempt to move every thread of a process. The waiter and each queued
+ * task work hold a reference. @state goes GATHER -> COMMIT -> DONE, or
+ * GATHER/COMMIT -> ABORTED, each step taken once under @lock: threads
+ * arrive and wait while it is GATHER; the last to arrive commits; the waiter
+ * or a dying thread may abort only while it is GATHER.
+ */
+enum nsm_state { NSM_GATHER, NSM_COMMIT, NSM_DONE, NSM_ABORTED };
+
+struct nsm_group;
+
+/* One thread of the process, its task work and what it moves to. */
+struct nsm_thread {
+	struct callback_head cb;
+	struct nsm_group *g;
+	struct task_struct *task;
+	struct nsproxy *nsp;
+	struct pid *old;
+	struct pid *pid;
+	pid_t old_vnr;
+	bool queued;
+};
+
+struct nsm_group {
+	refcount_t ref;
+	spinlock_t lock;	/* serializes the steps of @state, with @err */
+	int state;
+	int err;
+	atomic_t arrived;
+	atomic_t finished;
+	wait_queue_head_t wq;
+	struct nsm_work *w;
+	struct task_struct *leader;
+	struct nsm_thread *lead;	/* the leader's slot */
+	struct nsm_thread *self;	/* the waiter's, if it is a thread */
+	struct files_struct *files;	/* whose F_SETOWN owners are done */
+	struct fs_struct *fs;		/* with NSMIGRATE_F_MNTNS */
+	struct pid *new_pid;
+	u64 t_start;
+	int n;
+	struct nsm_thread th[];
+};
+
+static void nsm_group_put(struct nsm_group *g)
+{
+	int i;
+
+	if (!refcount_dec_and_test(&g->ref))
+		return;
+	for (i = 0; i < g->n; i++) {
+		put_pid(g->th[i].old);
+		if (g->th[i].task)
+			put_task_struct(g->th[i].task);
+	}
+	put_pid(g->new_pid);
+	nsm_work_put(g->w);
+	kvfree(g);
+}
+
+static struct nsm_group *nsm_group_alloc(struct nsm_work *w,
+					 struct task_struct *leader, int n)
+{
+	struct nsm_group *g;
+	int i;
+
+	g = kvzalloc(struct_size(g, th, n), GFP_KERNEL);
+	if (!g)
+		return NULL;
+	refcount_set(&g->ref, 1);
+	spin_lock_init(&g->lock);
+	g->state = NSM_GATHER;
+	init_waitqueue_head(&g->wq);
+	refcount_inc(&w->ref);
+	g->w = w;
+	g->leader = leader;
+	g->n = n;
+	for (i = 0; i < n; i++)
+		g->th[i].g = g;
+	return g;
+}
+
+static int nsm_state(struct nsm_group *g)
+{
+	/* Pairs with nsm_step(): what the step's taker wrote is visible. */
+	return smp_load_acquire(&g->state);
+}
+
+static bool nsm_settled(struct nsm_group *g)
+{
+	int state = nsm_state(g);
+
+	return state == NSM_DONE || state == NSM_ABORTED;
+}
+
+/* Take the step @from -> @to (recording @err); false if another took one. */
+static bool nsm_step(struct nsm_group *g, int from, int to, int err)
+{
+	bool ok;
+
+	spin_lock(&g->lock);
+	ok = g->state == from;
+	if (ok) {
+		g->err = err;
+		/* Publishes what was done before the step (nsm_state()). */
+		smp_store_release(&g->state, to);
+	}
+	spin_unlock(&g->lock);
+	if (ok && to != NSM_COMMIT)
+		wake_up_all(&g->wq);
+	return ok;
+}
+
+static int nsm_group_err(struct nsm_group *g)
+{
+	int err;
+
+	spin_lock(&g->lock);
+	err = g->err;
+	spin_unlock(&g->lock);
+	return err;
 }
 
 static void nsm_count_refusal(int err)
@@ -260,7 +379,7 @@ static bool nsm_parent_may_lose(struct task_struct *tsk,
 	       task_tgid(parent) == w->caller;
 }
 
-/* What makes @tsk impossible to move right now; tasklist_lock or RCU held. */
+/* What makes process @tsk impossible to move now; tasklist_lock or RCU. */
 static int nsm_check_task(struct task_struct *tsk, const struct nsm_work *w)
 {
 	/* NULL once the task has been released, which RCU does not prevent. */
@@ -269,24 +388,18 @@ static int nsm_check_task(struct task_struct *tsk, const struct nsm_work *w)
 	RCU_LOCKDEP_WARN(!rcu_read_lock_held() &&
 			 !lockdep_is_held(ksym.tasklist_lock),
 			 "needs RCU or tasklist_lock");
-	if (tsk->flags & (PF_KTHREAD | PF_IO_WORKER))
+	if (tsk->flags & PF_KTHREAD)
 		return -EINVAL;
 	if (!pid || tsk->flags & PF_EXITING || tsk->exit_state ||
-	    fatal_signal_pending(tsk))
+	    fatal_signal_pending(tsk) ||
+	    tsk->signal->flags & SIGNAL_GROUP_EXIT)
 		return -ESRCH;
 	if (is_child_reaper(pid))
 		return -EINVAL;
 	if (ns_of_pid(pid) == w->target)
 		return -EINVAL;
-	/* Not supported in this version: see kmod/README.md. */
-	if (!thread_group_empty(tsk))
-		return nsm_refuse_busy(NSM_B_THREADS);
-	if (!list_empty(&tsk->children))
-		return nsm_refuse_busy(NSM_B_CHILDREN);
-	if (tsk->ptrace || !list_empty(&tsk->ptraced))
-		return nsm_refuse_busy(NSM_B_PTRACE);
-	if (tsk->vfork_done)
-		return nsm_refuse_busy(NSM_B_VFORK);
+	if (READ_ONCE(tsk->signal->group_exec_task))
+		return nsm_refuse_busy(NSM_B_EXEC);
 	if (!nsm_parent_may_lose(tsk, w))
 		return nsm_refuse_busy(NSM_B_PARENT);
 	/* No init yet: alloc_pid() would make the mover PID 1 (see README). */
@@ -295,13 +408,56 @@ static int nsm_check_task(struct task_struct *tsk, const struct nsm_work *w)
 	return 0;
 }
 
-static bool nsm_unfit_parent(struct task_struct *p)
+static bool nsm_is_worker(struct task_struct *t)
 {
 #ifdef PF_USER_WORKER
-	if (p->flags & PF_USER_WORKER)
+	if (t->flags & PF_USER_WORKER)
 		return true;
 #endif
-	return p->flags & (PF_KTHREAD | PF_IO_WORKER);
+	return t->flags & PF_IO_WORKER;
+}
+
+/*
+ * What keeps thread @t from moving with its process; tasklist_lock or RCU.
+ * A thread on its way out makes the attempt retry (-EAGAIN) without it.
+ */
+static int nsm_check_thread(struct task_struct *t)
+{
+	/* io_uring's io-wq and SQPOLL threads never return to user space. */
+	if (nsm_is_worker(t))
+		return nsm_refuse_busy(NSM_B_IO_WORKER);
+	if (t->ptrace || !list_empty(&t->ptraced))
+		return nsm_refuse_busy(NSM_B_PTRACE);
+	if (!list_empty(&t->children))
+		return nsm_refuse_busy(NSM_B_CHILDREN);
+	if (t->vfork_done)
+		return nsm_refuse_busy(NSM_B_VFORK);
+	if (t->flags & PF_EXITING)
+		return -EAGAIN;
+	return 0;
+}
+
+/* The process-wide checks, then every thread's; tasklist_lock or RCU. */
+static int nsm_check_process(struct task_struct *leader,
+			     const struct nsm_work *w)
+{
+	struct task_struct *t;
+	int err;
+
+	err = nsm_check_task(leader, w);
+	if (err)
+		return err;
+	for_each_thread(leader, t) {
+		err = nsm_check_thread(t);
+		if (err)
+			return err;
+	}
+	return 0;
+}
+
+static bool nsm_unfit_parent(struct task_struct *p)
+{
+	return p->flags & PF_KTHREAD || nsm_is_worker(p);
 }
 
 /* The task that will be @tsk's parent in @target; tasklist_lock held. */
@@ -375,80 +531,162 @@ static void nsm_resend_lost_signal(struct k_itimer *t)
 	ksym.send_sigqueue(t->sigq, t->it_pid, type);
 }
 
+/* The new pid of the thread whose pid was @old, or NULL. */
+static struct pid *nsm_new_pid_of(struct nsm_group *g, struct pid *old)
+{
+	int i;
+
+	for (i = 0; i < g->n; i++)
+		if (g->th[i].old == old)
+			return g->th[i].pid;
+	return NULL;
+}
+
+/* Foreign CPU-clock timers on the process clock or on any thread's clock. */
+static bool nsm_group_foreign_cpu_timers(struct nsm_group *g)
+{
+	struct signal_struct *sig = g->leader->signal;
+	int i;
+
+	if (nsm_foreign_cpu_timers(&sig->posix_cputimers, sig))
+		return true;
+	for (i = 0; i < g->n; i++)
+		if (nsm_foreign_cpu_timers(&g->th[i].task->posix_cputimers,
+					   sig))
+			return true;
+	return false;
+}
+
+static void nsm_swap_pid(struct pid **slot, struct pid *pid)
+{
+	struct pid *old = *slot;
+
+	*slot = get_pid(pid);
+	put_pid(old);
+}
+
 /*
- * Point @tsk's own POSIX timers at @pid: the signal target of every timer,
- * and the clock of CPU-clock timers (it_clock < 0). Only @tsk adds or
- * deletes its timers, and it is running this. The references to @old
- * dropped here cannot be its last: the caller holds one.
+ * Point the process's own POSIX timers at the new pids: the signal target
+ * of every timer (the process, or a thread for SIGEV_THREAD_ID) and the
+ * clock of CPU-clock timers (it_clock < 0). Only the process adds or
+ * deletes its timers, and all its threads are parked. The references to
+ * old pids dropped here cannot be their last: the group holds one each.
  */
-static void nsm_retarget_timers(struct task_struct *tsk, struct pid *old,
-				struct pid *pid)
+static void nsm_retarget_timers(struct nsm_group *g)
 {
 	struct k_itimer *t;
+	struct pid *pid;
 
 	lockdep_assert_held_write(ksym.tasklist_lock);
-	nsm_for_each_timer(t, tsk->signal) {
+	nsm_for_each_timer(t, g->leader->signal) {
 		spin_lock(&t->it_lock);
-		if (t->it_pid == old) {
-			t->it_pid = get_pid(pid);
-			put_pid(old);
-		}
-		if (t->it_clock < 0 && t->it.cpu.pid == old) {
-			t->it.cpu.pid = get_pid(pid);
-			put_pid(old);
-		}
+		pid = nsm_new_pid_of(g, t->it_pid);
+		if (pid)
+			nsm_swap_pid(&t->it_pid, pid);
+		pid = t->it_clock < 0 ? nsm_new_pid_of(g, t->it.cpu.pid) : NULL;
+		if (pid)
+			nsm_swap_pid(&t->it.cpu.pid, pid);
 		nsm_resend_lost_signal(t);
 		spin_unlock(&t->it_lock);
 	}
 	/* /proc/PID/timers reads it_pid under siglock only: let it finish. */
-	spin_lock(&tsk->sighand->siglock);
-	spin_unlock(&tsk->sighand->siglock);
+	spin_lock(&g->leader->sighand->siglock);
+	spin_unlock(&g->leader->sighand->siglock);
+}
+
+/* A thread's parent links follow its process's; tasklist_lock held. */
+static void nsm_set_parent(struct task_struct *t, struct task_struct *parent)
+{
+	lockdep_assert_held_write(ksym.tasklist_lock);
+	rcu_assign_pointer(t->real_parent, parent);
+	rcu_assign_pointer(t->parent, parent);
+	t->parent_exec_id = parent->self_exec_id;
+	/* It was armed against the old parent, which is not the parent now. */
+	t->pdeath_signal = 0;
 }
 
 /*
- * Move @tsk's pid links, parent and session to @pid and @parent, as one
- * step under the write side of tasklist_lock, like release_task() and
- * setsid(). The old struct pid is freed by change_pid() once its last link
- * is gone, which releases its numbers in the source namespaces. Returns the
- * controlling tty @tsk had, with its reference.
+ * Move every thread's pid link, then the process's TGID, PGID and SID
+ * links, parent and session, as one step under the write side of
+ * tasklist_lock, like release_task() and setsid(). An old struct pid is
+ * freed by change_pid() once its last link is gone, which releases its
+ * numbers in the source namespaces. Returns the controlling tty the
+ * process had, with its reference.
  */
-static struct tty_struct *nsm_move_locked(struct task_struct *tsk,
-					  struct pid *pid,
+static struct tty_struct *nsm_move_locked(struct nsm_group *g,
 					  struct task_struct *parent)
 {
-	struct task_struct *old_parent = tsk->real_parent;
+	struct task_struct *leader = g->leader;
+	struct pid *tgid = g->lead->pid;
 	struct tty_struct *tty;
+	int i;
 
 	lockdep_assert_held_write(ksym.tasklist_lock);
-	lockdep_assert_held(&tsk->sighand->siglock);
-	/* A waiter in the old parent rescans and finds @tsk gone. */
-	__wake_up_sync_key(&old_parent->signal->wait_chldexit,
-			   TASK_INTERRUPTIBLE, tsk);
+	lockdep_assert_held(&leader->sighand->siglock);
+	/* A waiter in the old parent rescans and finds the process gone. */
+	__wake_up_sync_key(&leader->real_parent->signal->wait_chldexit,
+			   TASK_INTERRUPTIBLE, leader);
 
-	ksym.change_pid(tsk, PIDTYPE_PID, pid);
-	WRITE_ONCE(tsk->pid, pid_nr(pid));
-	ksym.change_pid(tsk, PIDTYPE_TGID, pid);
-	WRITE_ONCE(tsk->tgid, tsk->pid);
+	for (i = 0; i < g->n; i++) {
+		ksym.change_pid(g->th[i].task, PIDTYPE_PID, g->th[i].pid);
+		WRITE_ONCE(g->th[i].task->pid, pid_nr(g->th[i].pid));
+	}
+	ksym.change_pid(leader, PIDTYPE_TGID, tgid);
+	for (i = 0; i < g->n; i++) {
+		WRITE_ONCE(g->th[i].task->tgid, pid_nr(tgid));
+		nsm_set_parent(g->th[i].task, parent);
+	}
 
-	tsk->signal->leader = 1;
-	ksym.change_pid(tsk, PIDTYPE_PGID, pid);
-	ksym.change_pid(tsk, PIDTYPE_SID, pid);
+	leader->signal->leader = 1;
+	ksym.change_pid(leader, PIDTYPE_PGID, tgid);
+	ksym.change_pid(leader, PIDTYPE_SID, tgid);
 	/* proc_clear_tty() would take the siglock we hold. */
-	tty = tsk->signal->tty;
-	tsk->signal->tty = NULL;
+	tty = leader->signal->tty;
+	leader->signal->tty = NULL;
 
-	rcu_assign_pointer(tsk->real_parent, parent);
-	rcu_assign_pointer(tsk->parent, parent);
-	tsk->parent_exec_id = parent->self_exec_id;
-	tsk->exit_signal = SIGCHLD;
+	leader->exit_signal = SIGCHLD;
 	/* As copy_process(): orphans go to the nearest subreaper above. */
-	tsk->signal->has_child_subreaper =
+	leader->signal->has_child_subreaper =
 		parent->signal->has_child_subreaper ||
 		parent->signal->is_child_subreaper;
-	/* It was armed against the old parent, which is not the parent now. */
-	tsk->pdeath_signal = 0;
-	list_move_tail(&tsk->sibling, &parent->children);
+	list_move_tail(&leader->sibling, &parent->children);
 	return tty;
+}
+
+/*
+ * Every thread is parked: check the process again, and that its threads
+ * are exactly the parked ones (a clone() that raced the queueing added
+ * one: retry), then relink them all.
+ */
+static int nsm_relink(struct nsm_group *g, struct tty_struct **tty,
+		      bool *sid_leader)
+{
+	struct task_struct *leader = g->leader;
+	struct task_struct *parent;
+	int err;
+
+	write_lock_irq(ksym.tasklist_lock);
+	err = nsm_check_process(leader, g->w);
+	if (!err && leader->signal->nr_threads != g->n)
+		err = -EAGAIN;
+	if (!err)
+		err = nsm_new_parent(g->w, &parent);
+	if (err)
+		goto out;
+	spin_lock(&leader->sighand->siglock);
+	if (nsm_group_foreign_cpu_timers(g)) {
+		spin_unlock(&leader->sighand->siglock);
+		err = nsm_refuse_busy(NSM_B_CPU_TIMER);
+		goto out;
+	}
+	*sid_leader = leader->signal->leader &&
+		      task_session(leader) == g->lead->old;
+	*tty = nsm_move_locked(g, parent);
+	spin_unlock(&leader->sighand->siglock);
+	nsm_retarget_timers(g);
+out:
+	write_unlock_irq(ksym.tasklist_lock);
+	return err;
 }
 
 /*
@@ -487,11 +725,6 @@ static void nsm_leave_tty(struct tty_struct *tty, struct pid *old_sid)
 	tty_unlock(tty);
 }
 
-struct nsm_owner {
-	struct pid *old;
-	struct pid *pid;
-};
-
 static struct fown_struct *nsm_f_owner(struct file *file)
 {
 #ifdef NSM_F_OWNER_PTR
@@ -499,26 +732,6 @@ static struct fown_struct *nsm_f_owner(struct file *file)
 #else
 	return &file->f_owner;
 #endif
-}
-
-/* F_SETOWN/F_SETOWN_EX owners naming the mover follow it (SIGIO, SIGURG). */
-static int nsm_retarget_owner(const void *arg, struct file *file,
-			      unsigned int fd)
-{
-	const struct nsm_owner *o = arg;
-	struct fown_struct *fown = nsm_f_owner(file);
-	enum pid_type type;
-	bool match;
-
-	if (!fown)
-		return 0;
-	read_lock_irq(&fown->lock);
-	type = fown->pid_type;
-	match = fown->pid == o->old && type != PIDTYPE_PGID;
-	read_unlock_irq(&fown->lock);
-	if (match)
-		__f_setown(file, o->pid, type, 1);
-	return 0;
 }
 
 /*
@@ -536,189 +749,412 @@ static void nsm_fix_tid_cache(struct task_struct *tsk, pid_t old_vnr)
 }
 
 /*
- * Join w->mntns in @nsp and in a copy of the task's fs_struct, as setns()
- * does (prepare_nsset(), mntns_install()): the namespace's own install
- * checks the task's credentials (CAP_SYS_ADMIN over the namespace's owner,
- * CAP_SYS_CHROOT and CAP_SYS_ADMIN in its user namespace). Nothing the
- * task sees changes until the copy is committed after the move.
+ * F_SETOWN/F_SETOWN_EX owners naming the process or one of its threads
+ * follow them (SIGIO, SIGURG).
  */
-static int nsm_prepare_mntns(struct nsm_work *w, struct nsproxy *nsp,
-			     struct fs_struct **fs)
+static int nsm_retarget_owner(const void *arg, struct file *file,
+			      unsigned int fd)
+{
+	struct nsm_group *g = (struct nsm_group *)arg;
+	struct fown_struct *fown = nsm_f_owner(file);
+	enum pid_type type;
+	struct pid *pid;
+
+	if (!fown)
+		return 0;
+	read_lock_irq(&fown->lock);
+	type = fown->pid_type;
+	pid = type == PIDTYPE_PGID ? NULL : nsm_new_pid_of(g, fown->pid);
+	read_unlock_irq(&fown->lock);
+	if (pid)
+		__f_setown(file, pid, type, 1);
+	return 0;
+}
+
+/*
+ * Root and cwd are those of exactly the process's threads (CLONE_FS with
+ * another process is refused, as setns(CLONE_NEWNS) does): copy them for
+ * the mount-namespace join.
+ */
+static int nsm_copy_fs(struct nsm_group *g)
+{
+	struct fs_struct *fs = g->leader->fs;
+	int i, users;
+
+	for (i = 0; i < g->n; i++)
+		if (g->th[i].task->fs != fs)
+			return -EINVAL;
+	spin_lock(&fs->lock);
+	users = fs->users;
+	spin_unlock(&fs->lock);
+	if (users != g->n)
+		return -EINVAL;
+	g->fs = ksym.copy_fs_struct(fs);
+	return g->fs ? 0 : -ENOMEM;
+}
+
+/*
+ * Join w->mntns in @nsp and in the group's copy of the fs_struct, as
+ * setns() does (prepare_nsset(), mntns_install()): the namespace's own
+ * install checks the task's credentials (CAP_SYS_ADMIN over the
+ * namespace's owner, CAP_SYS_CHROOT and CAP_SYS_ADMIN in its user
+ * namespace). Nothing a thread sees changes until the move is committed.
+ */
+static int nsm_prepare_mntns(struct nsm_group *g, struct nsproxy *nsp)
 {
 	struct nsset nss = {
 		.flags = CLONE_NEWNS,
 		.nsproxy = nsp,
 		.cred = current_cred(),
+		.fs = g->fs,
 	};
-	int err;
 
-	/* Root and cwd are shared with another process (CLONE_FS). */
-	if (current->fs->users != 1)
-		return -EINVAL;
-	nss.fs = ksym.copy_fs_struct(current->fs);
-	if (!nss.fs)
-		return -ENOMEM;
-	err = w->mntns->ops->install(&nss, w->mntns);
-	if (err) {
-		ksym.free_fs_struct(nss.fs);
-		return err;
-	}
-	*fs = nss.fs;
-	return 0;
+	return g->w->mntns->ops->install(&nss, g->w->mntns);
 }
 
-/* The switch itself, in the migrating task's own context. */
-static int nsm_switch(struct nsm_work *w)
+/*
+ * A parked thread's new nsproxy (its own namespaces, except that children
+ * and threads are born in the target, as copy_process() requires of
+ * CLONE_THREAD) and its new pid. The thread cannot change its nsproxy
+ * while parked.
+ */
+static int nsm_prepare_thread(struct nsm_group *g, struct nsm_thread *th)
 {
-	struct task_struct *tsk = current;
-	struct nsm_owner owner;
-	struct fs_struct *fs;
-	struct task_struct *parent;
-	struct tty_struct *tty;
+	struct pid_namespace *target = g->w->target;
+	struct task_struct *t = th->task;
 	struct nsproxy *nsp;
-	struct pid *pid, *old;
-	bool sid_leader;
-	pid_t old_vnr;
+	struct pid *pid;
 	int err;
 
-	w->t_start = ktime_get_ns();
-	if (tsk->flags & PF_EXITING || fatal_signal_pending(tsk))
-		return -ESRCH;
-	/* Before alloc_pid(), which would make the mover a missing init. */
-	if (!READ_ONCE(w->target->child_reaper))
-		return -ENXIO;
-
-	/* Same namespaces, except that children are born in the target. */
-	nsp = ksym.create_new_namespaces(0, tsk, current_user_ns(), tsk->fs);
+	nsp = ksym.create_new_namespaces(0, t, current_user_ns(), t->fs);
 	if (IS_ERR(nsp))
 		return PTR_ERR(nsp);
 	put_pid_ns(nsp->pid_ns_for_children);
-	nsp->pid_ns_for_children = get_pid_ns(w->target);
-	fs = NULL;
-	if (w->mntns) {
-		err = nsm_prepare_mntns(w, nsp, &fs);
+	nsp->pid_ns_for_children = get_pid_ns(target);
+	th->nsp = nsp;
+	if (g->fs) {
+		err = nsm_prepare_mntns(g, nsp);
 		if (err)
-			goto out_nsp;
+			return err;
 	}
-
-	pid = ksym.alloc_pid(w->target, NULL, 0);
-	if (IS_ERR(pid)) {
-		err = nsm_target_alive(w->target) ? PTR_ERR(pid) : -ENXIO;
-		goto out_nsp;
-	}
-
-	old = get_pid(task_pid(tsk));
-	old_vnr = task_pid_vnr(tsk);
-	write_lock_irq(ksym.tasklist_lock);
-	err = nsm_check_task(tsk, w);
-	if (err)
-		goto out_unlock;
-	err = nsm_new_parent(w, &parent);
-	if (err)
-		goto out_unlock;
-	spin_lock(&tsk->sighand->siglock);
-	if (nsm_foreign_cpu_timers(&tsk->signal->posix_cputimers,
-				   tsk->signal)) {
-		spin_unlock(&tsk->sighand->siglock);
-		err = nsm_refuse_busy(NSM_B_CPU_TIMER);
-		goto out_unlock;
-	}
-	sid_leader = tsk->signal->leader && task_session(tsk) == old;
-	tty = nsm_move_locked(tsk, pid, parent);
-	spin_unlock(&tsk->sighand->siglock);
-	nsm_retarget_timers(tsk, old, pid);
-	write_unlock_irq(ksym.tasklist_lock);
-
-	ksym.switch_task_namespaces(tsk, nsp);
-	if (fs) {
-		/* As commit_nsset() does with setns()'s temporary fs_struct. */
-		ksym.set_fs_root(tsk->fs, &fs->root);
-		ksym.set_fs_pwd(tsk->fs, &fs->pwd);
-		ksym.free_fs_struct(fs);
-	}
-	ksym.proc_flush_pid(old);
-	/* pidfd pollers of the old pid: 6.12 wakes them in change_pid(). */
-	wake_up_all(&old->wait_pidfd);
-	if (tty) {
-		if (sid_leader)
-			nsm_leave_tty(tty, old);
-		tty_kref_put(tty);
-	}
-	owner.old = old;
-	owner.pid = pid;
-	if (tsk->files)
-		iterate_fd(tsk->files, 0, nsm_retarget_owner, &owner);
-	nsm_fix_tid_cache(tsk, old_vnr);
-	put_pid(old);
-
-	w->new_pid = get_pid(pid);
+	th->old = get_pid(task_pid(t));
+	/* The TID as the thread itself sees it (libc's cache). */
+	th->old_vnr = pid_nr_ns(th->old, ns_of_pid(th->old));
+	pid = ksym.alloc_pid(target, NULL, 0);
+	if (IS_ERR(pid))
+		return nsm_target_alive(target) ? PTR_ERR(pid) : -ENXIO;
+	th->pid = pid;
 	return 0;
+}
 
-out_unlock:
-	write_unlock_irq(ksym.tasklist_lock);
-	put_pid(old);
-	ksym.free_pid(pid);
-out_nsp:
-	if (fs)
-		ksym.free_fs_struct(fs);
-	nsm_put_nsproxy(nsp);
+/* Undo nsm_prepare(): nothing of it was linked to any task. */
+static void nsm_unprepare(struct nsm_group *g)
+{
+	struct nsm_thread *th;
+
+	for (th = g->th; th < g->th + g->n; th++) {
+		if (th->pid)
+			ksym.free_pid(th->pid);
+		th->pid = NULL;
+		if (th->nsp)
+			nsm_put_nsproxy(th->nsp);
+		th->nsp = NULL;
+	}
+	if (g->fs)
+		ksym.free_fs_struct(g->fs);
+	g->fs = NULL;
+}
+
+/* Everything the relinking needs, allocated first (the leader's pid first). */
+static int nsm_prepare(struct nsm_group *g)
+{
+	struct nsm_thread *th;
+	int err;
+
+	/* Before alloc_pid(), which would make the mover a missing init. */
+	if (!READ_ONCE(g->w->target->child_reaper))
+		return -ENXIO;
+	if (g->w->mntns) {
+		err = nsm_copy_fs(g);
+		if (err)
+			return err;
+	}
+	err = nsm_prepare_thread(g, g->lead);
+	for (th = g->th; !err && th < g->th + g->n; th++)
+		if (th != g->lead)
+			err = nsm_prepare_thread(g, th);
 	return err;
 }
 
-static void nsm_finish(struct nsm_work *w)
+/* After the relinking, in the committing thread (these sleep). */
+static void nsm_after_relink(struct nsm_group *g, struct tty_struct *tty,
+			     bool sid_leader)
 {
-	w->err = nsm_switch(w);
-	w->t_done = ktime_get_ns();
-	complete(&w->done);
+	struct nsm_thread *th;
+
+	if (g->fs) {
+		/* As commit_nsset() does with setns()'s temporary fs_struct. */
+		ksym.set_fs_root(current->fs, &g->fs->root);
+		ksym.set_fs_pwd(current->fs, &g->fs->pwd);
+		ksym.free_fs_struct(g->fs);
+		g->fs = NULL;
+	}
+	for (th = g->th; th < g->th + g->n; th++) {
+		ksym.proc_flush_pid(th->old);
+		/* pidfd pollers of the old pid: 6.12 wakes them in change_pid(). */
+		wake_up_all(&th->old->wait_pidfd);
+	}
+	if (tty) {
+		if (sid_leader)
+			nsm_leave_tty(tty, g->lead->old);
+		tty_kref_put(tty);
+	}
+	g->files = current->files;
+	if (g->files)
+		iterate_fd(g->files, 0, nsm_retarget_owner, g);
+	g->new_pid = get_pid(g->lead->pid);
+}
+
+/* The last thread to arrive moves them all, or none. */
+static void nsm_commit(struct nsm_group *g)
+{
+	struct tty_struct *tty = NULL;
+	bool sid_leader = false;
+	int err;
+
+	if (!nsm_step(g, NSM_GATHER, NSM_COMMIT, 0))
+		return;
+	g->t_start = ktime_get_ns();
+	err = nsm_prepare(g);
+	if (!err)
+		err = nsm_relink(g, &tty, &sid_leader);
+	if (err) {
+		nsm_unprepare(g);
+		nsm_step(g, NSM_COMMIT, NSM_ABORTED, err);
+		return;
+	}
+	nsm_after_relink(g, tty, sid_leader);
+	nsm_step(g, NSM_COMMIT, NSM_DONE, 0);
+}
+
+/*
+ * A parked thread that is exiting or killed stops the attempt: exec kills
+ * the other threads (EBUSY), a fatal signal the process (ESRCH); a single
+ * thread's exit makes the attempt retry without it.
+ */
+static void nsm_abort_dying(struct nsm_group *g)
+{
+	struct signal_struct *sig = current->signal;
+	int err = sig->flags & SIGNAL_GROUP_EXIT ? -ESRCH : -EAGAIN;
+
+	if (READ_ONCE(sig->group_exec_task))
+		err = -EBUSY;
+	if (nsm_step(g, NSM_GATHER, NSM_ABORTED, err) && err == -EBUSY)
+		atomic_long_inc(&nsm_busy[NSM_B_EXEC]);
+}
+
+static void nsm_arrive(struct nsm_thread *th)
+{
+	struct nsm_group *g = th->g;
+
+	if (current->flags & PF_EXITING || fatal_signal_pending(current))
+		nsm_abort_dying(g);
+	if (atomic_inc_return(&g->arrived) == g->n)
+		nsm_commit(g);
+}
+
+/* A thread's own part, after the commit: its nsproxy and libc's TID. */
+static void nsm_finish_thread(struct nsm_thread *th)
+{
+	struct nsm_group *g = th->g;
+
+	ksym.switch_task_namespaces(current, th->nsp);
+	th->nsp = NULL;
+	if (current->files && current->files != g->files)
+		iterate_fd(current->files, 0, nsm_retarget_owner, g);
+	nsm_fix_tid_cache(current, th->old_vnr);
+	if (atomic_inc_return(&g->finished) == g->n)
+		wake_up_all(&g->wq);
 }
 
 static void nsm_task_work(struct callback_head *cb)
 {
-	struct nsm_work *w = container_of(cb, struct nsm_work, cb);
+	struct nsm_thread *th = container_of(cb, struct nsm_thread, cb);
+	struct nsm_group *g = th->g;
 
-	if (atomic_cmpxchg(&w->state, NSM_QUEUED, NSM_RUNNING) == NSM_QUEUED)
-		nsm_finish(w);
-	nsm_work_put(w);
+	nsm_arrive(th);
+	if (wait_event_killable(g->wq, nsm_settled(g))) {
+		nsm_abort_dying(g);
+		wait_event(g->wq, nsm_settled(g));
+	}
+	if (nsm_state(g) == NSM_DONE)
+		nsm_finish_thread(th);
+	nsm_group_put(g);
 	/* Taken when this work was queued: the module stays while it is. */
 	module_put(THIS_MODULE);
 }
 
-/* Queue the switch on @tsk and wait for it, bounded and interruptibly. */
-static int nsm_run_in_task(struct task_struct *tsk, struct nsm_work *w,
-			   u64 timeout_ns)
+static int nsm_queue_one(struct nsm_thread *th)
+{
+	refcount_inc(&th->g->ref);
+	__module_get(THIS_MODULE);
+	init_task_work(&th->cb, nsm_task_work);
+	if (task_work_add(th->task, &th->cb, TWA_SIGNAL)) {
+		/* Past exit_task_work(): the thread is on its way out. */
+		refcount_dec(&th->g->ref);
+		module_put(THIS_MODULE);
+		return -EAGAIN;
+	}
+	th->queued = true;
+	return 0;
+}
+
+/*
+ * Queue the work on every thread but the waiter's, under tasklist_lock: no
+ * thread is added or released meanwhile (copy_process() and release_task()
+ * take its write side). A clone() already past its signal check still adds
+ * a thread after this; nsm_relink() sees it and the attempt is retried.
+ */
+static int nsm_queue(struct nsm_group *g)
+{
+	struct nsm_thread *th = g->th;
+	struct task_struct *t;
+	int err = 0;
+
+	read_lock(ksym.tasklist_lock);
+	if (!pid_alive(g->leader)) {
+		err = -ESRCH;
+		goto out;
+	}
+	if (g->leader->signal->nr_threads != g->n) {
+		err = -EAGAIN;
+		goto out;
+	}
+	for_each_thread(g->leader, t) {
+		if (th == g->th + g->n) {
+			err = -EAGAIN;
+			break;
+		}
+		th->task = get_task_struct(t);
+		if (t == g->leader)
+			g->lead = th;
+		if (t == current)
+			g->self = th;
+		else
+			err = nsm_queue_one(th);
+		if (err)
+			break;
+		th++;
+	}
+	if (!err && !g->lead)
+		err = -ESRCH;
+out:
+	read_unlock(ksym.tasklist_lock);
+	return err;
+}
+
+/* Abandon the attempt unless a thread is committing it; unqueue the rest. */
+static void nsm_cancel(struct nsm_group *g, int err)
+{
+	struct nsm_thread *th;
+
+	nsm_step(g, NSM_GATHER, NSM_ABORTED, err);
+	if (nsm_state(g) != NSM_ABORTED)
+		return;
+	/* Nothing lingers on a stopped thread. */
+	for (th = g->th; th < g->th + g->n; th++) {
+		if (!th->queued || !ksym.task_work_cancel(th->task, &th->cb))
+			continue;
+		nsm_group_put(g);	/* not the last: the waiter holds one */
+		module_put(THIS_MODULE);
+	}
+}
+
+/* Park every thread and wait, bounded and interruptibly, for the commit. */
+static int nsm_run_group(struct nsm_group *g, u64 timeout_ns)
 {
 	long left;
 	int err;
 
-	if (tsk == current) {
-		nsm_finish(w);
-		return w->err;
-	}
-
-	__module_get(THIS_MODULE);
-	refcount_inc(&w->ref);
-	err = task_work_add(tsk, &w->cb, TWA_SIGNAL);
+	err = nsm_queue(g);
 	if (err) {
-		refcount_dec(&w->ref);
-		module_put(THIS_MODULE);
-		return -ESRCH;
+		nsm_cancel(g, err);
+		return err;
 	}
+	/* The waiter is a thread of the process: it is parked right here. */
+	if (g->self)
+		nsm_arrive(g->self);
+	left = wait_event_interruptible_timeout(g->wq, nsm_settled(g),
+						nsecs_to_jiffies(timeout_ns));
+	if (left <= 0) {
+		nsm_cancel(g, left ? -EINTR : -ETIMEDOUT);
+		/* A commit cannot be undone, and does not block: wait for it. */
+		wait_event(g->wq, nsm_settled(g));
+	}
+	if (nsm_state(g) != NSM_DONE)
+		return nsm_group_err(g);
+	if (g->self)
+		nsm_finish_thread(g->self);
+	wait_event(g->wq, atomic_read(&g->finished) == g->n);
+	return 0;
+}
 
-	left = wait_for_completion_interruptible_timeout(&w->done,
-							 nsecs_to_jiffies(timeout_ns));
-	if (left > 0)
-		return w->err;
-	/* Give up, unless the switch has started: it cannot be undone. */
-	if (atomic_cmpxchg(&w->state, NSM_QUEUED, NSM_ABANDONED) == NSM_QUEUED) {
-		/* Unqueue it too: nothing lingers on a stopped task. */
-		if (ksym.task_work_cancel(tsk, &w->cb)) {
-			nsm_work_put(w);
-			module_put(THIS_MODULE);
-		}
-		return left ? -EINTR : -ETIMEDOUT;
+/* One attempt: every thread of @leader moves, or none does. */
+static int nsm_attempt(struct task_struct *leader, struct nsm_work *w,
+		       u64 timeout_ns, struct nsmigrate_req *req)
+{
+	struct nsm_group *g;
+	int n, err;
+
+	rcu_read_lock();
+	err = nsm_check_process(leader, w);
+	n = READ_ONCE(leader->signal->nr_threads);
+	rcu_read_unlock();
+	if (err)
+		return err;
+	g = nsm_group_alloc(w, leader, n);
+	if (!g)
+		return -ENOMEM;
+	err = nsm_run_group(g, timeout_ns);
+	if (!err) {
+		req->new_pid = pid_vnr(g->new_pid);
+		req->new_pid_in_target = pid_nr_ns(g->new_pid, w->target);
+		req->t_queued_ns = w->t_queued;
+		req->t_switch_start_ns = g->t_start;
+		req->t_switch_done_ns = ktime_get_ns();
 	}
-	wait_for_completion(&w->done);
-	return w->err;
+	nsm_group_put(g);
+	return err;
+}
+
+/*
+ * Attempts are retried while the set of threads changes under them (a
+ * clone() racing the queueing, a thread exiting), within the timeout.
+ */
+static int nsm_move(struct task_struct *leader, struct nsm_work *w,
+		    struct nsmigrate_req *req)
+{
+	u64 timeout = req->timeout_ns ?: NSMIGRATE_DEFAULT_TIMEOUT_NS;
+	u64 deadline = ktime_get_ns() + timeout;
+	int i, err;
+	u64 now;
+
+	w->t_queued = ktime_get_ns();
+	for (i = 0; i < NSM_ATTEMPTS; i++) {
+		now = ktime_get_ns();
+		/* The first attempt runs even with no time left: ETIMEDOUT. */
+		if (i && now >= deadline)
+			break;
+		err = nsm_attempt(leader, w, now < deadline ? deadline - now : 0,
+				  req);
+		if (err != -EAGAIN)
+			return err;
+		atomic_long_inc(&nsm_retried);
+		if (signal_pending(current))
+			return -EINTR;
+		usleep_range(500, 1000);
+	}
+	return nsm_refuse_busy(NSM_B_THREADS);
 }
 
 static struct task_struct *nsm_get_task(const struct nsmigrate_req *req)
@@ -812,10 +1248,10 @@ out:
 }
 
 /*
- * Refusals that need no help from the task, checked before queueing;
- * permissions first, so that a caller without them learns nothing else.
+ * Permissions, checked before anything else so that a caller without them
+ * learns nothing else about the process.
  */
-static int nsm_precheck(struct task_struct *tsk, const struct nsm_work *w)
+static int nsm_permitted(struct task_struct *tsk, const struct nsm_work *w)
 {
 	struct pid_namespace *target = w->target;
 	struct pid_namespace *src;
@@ -839,12 +1275,6 @@ static int nsm_precheck(struct task_struct *tsk, const struct nsm_work *w)
 	else if (!ksym.ptrace_may_access(tsk, PTRACE_MODE_ATTACH_REALCREDS))
 		err = -EPERM;
 	put_pid_ns(src);
-	if (err)
-		return err;
-
-	rcu_read_lock();
-	err = nsm_check_task(tsk, w);
-	rcu_read_unlock();
 	return err;
 }
 
@@ -857,9 +1287,6 @@ static struct nsm_work *nsm_work_alloc(const struct nsmigrate_req *req,
 	if (!w)
 		return ERR_PTR(-ENOMEM);
 	refcount_set(&w->ref, 1);
-	atomic_set(&w->state, NSM_QUEUED);
-	init_completion(&w->done);
-	init_task_work(&w->cb, nsm_task_work);
 	w->target = get_pid_ns(target);
 	w->caller = get_pid(task_tgid(current));
 	w->flags = req->flags;
@@ -875,18 +1302,30 @@ static int nsm_work_parent(struct nsm_work *w, const struct nsmigrate_req *req)
 	return w->parent ? 0 : -ESRCH;
 }
 
+/* The process of the named task: its thread group leader. */
+static struct task_struct *nsm_get_leader(struct task_struct *tsk)
+{
+	struct task_struct *leader;
+
+	rcu_read_lock();
+	leader = get_task_struct(READ_ONCE(tsk->group_leader));
+	rcu_read_unlock();
+	put_task_struct(tsk);
+	return leader;
+}
+
 static int nsm_migrate(struct nsmigrate_req *req)
 {
 	struct pid_namespace *target;
 	struct file *mnt_file = NULL;
 	struct task_struct *tsk;
 	struct nsm_work *w;
-	u64 timeout;
 	int err;
 
 	tsk = nsm_get_task(req);
 	if (IS_ERR(tsk))
 		return PTR_ERR(tsk);
+	tsk = nsm_get_leader(tsk);
 	target = nsm_get_target(req->target_fd);
 	if (IS_ERR(target)) {
 		err = PTR_ERR(target);
@@ -897,7 +1336,7 @@ static int nsm_migrate(struct nsmigrate_req *req)
 		err = PTR_ERR(w);
 		goto out_target;
 	}
-	err = nsm_precheck(tsk, w);
+	err = nsm_permitted(tsk, w);
 	if (!err)
 		err = nsm_work_parent(w, req);
 	if (!err && req->flags & NSMIGRATE_F_MNTNS) {
@@ -910,20 +1349,11 @@ static int nsm_migrate(struct nsmigrate_req *req)
 	if (err)
 		goto out_work;
 
-	timeout = req->timeout_ns ?: NSMIGRATE_DEFAULT_TIMEOUT_NS;
 	atomic_long_inc(&nsm_in_flight);
-	w->t_queued = ktime_get_ns();
-	err = nsm_run_in_task(tsk, w, timeout);
+	err = nsm_move(tsk, w, req);
 	atomic_long_dec(&nsm_in_flight);
-	if (!err) {
-		req->new_pid = pid_vnr(w->new_pid);
-		req->new_pid_in_target = pid_nr_ns(w->new_pid, target);
-		req->t_queued_ns = w->t_queued;
-		req->t_switch_start_ns = w->t_start;
-		req->t_switch_done_ns = w->t_done;
-	}
 out_work:
-	/* A queued work that was abandoned never runs: nothing uses w->mntns. */
+	/* Only a committing thread uses w->mntns, and the waiter waits for it. */
 	if (mnt_file)
 		fput(mnt_file);
 	nsm_work_put(w);
@@ -1004,6 +1434,7 @@ static int nsm_stats_show(struct seq_file *m, void *v)
 	seq_printf(m, "abi_version %d\n", NSMIGRATE_ABI_VERSION);
 	seq_printf(m, "migrations %ld\n", atomic_long_read(&nsm_done));
 	seq_printf(m, "in_flight %ld\n", atomic_long_read(&nsm_in_flight));
+	seq_printf(m, "attempts_retried %ld\n", atomic_long_read(&nsm_retried));
 	for (i = 0; i < NSM_R_MAX; i++)
 		seq_printf(m, "refused_%s %ld\n", nsm_reason_names[i],
 			   atomic_long_read(&nsm_refused[i]));

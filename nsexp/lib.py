@@ -16,18 +16,20 @@ from nsexp import uapi
 # Why the kernel refused (kmod/README.md lists every case; /proc/nsmigrate counts them).
 _HINTS = {
     errno.ESRCH: "no such process, it exited before the switch, or the chosen parent is gone",
-    errno.EINVAL: "a kernel thread or io_uring worker, a namespace init, already in the target "
-    "namespace, the target is not a PID namespace, an unfit parent, or a bad request",
+    errno.EINVAL: "a kernel thread, a namespace init, already in the target namespace, the "
+    "target is not a PID namespace, an unfit parent, a thread that shares its root/cwd with "
+    "another process (with mntns), or a bad request",
     errno.EPERM: "needs CAP_SYS_ADMIN over both namespaces, ptrace access to the process "
     "(PTRACE_MODE_ATTACH_REALCREDS), and the target namespace visible from the caller's",
-    errno.EBUSY: "a multi-threaded process, one with children, one being traced or tracing, a "
-    "vfork child, a parent that is neither a namespace init nor the caller "
-    "(pass leave_parent=True to allow it), or another process's CPU-clock timer on its clock; "
-    "the busy_* lines of /proc/nsmigrate say which",
+    errno.EBUSY: "a thread with children, a traced or tracing thread, a vfork child, an "
+    "io_uring or other kernel worker thread, an exec in progress, threads created or exiting "
+    "faster than the move could park them all, a parent that is neither a namespace init nor "
+    "the caller (pass leave_parent=True to allow it), or another process's CPU-clock timer on "
+    "its clocks; the busy_* lines of /proc/nsmigrate say which",
     errno.ENXIO: "the target namespace has no init (not yet, or it died)",
-    errno.ETIMEDOUT: "the process did not reach a safe point in time "
-    "(stopped, or in uninterruptible sleep); it was left as it was",
-    errno.EINTR: "interrupted while waiting; the process was left as it was",
+    errno.ETIMEDOUT: "a thread of the process did not reach a safe point in time "
+    "(stopped, or in uninterruptible sleep); every thread was left as it was",
+    errno.EINTR: "interrupted while waiting; every thread was left as it was",
     errno.EBADF: "not an open file descriptor",
     errno.EFAULT: "the request is not readable or the reply not writable",
     errno.E2BIG: "a newer request with fields this module does not know",
@@ -138,7 +140,7 @@ def migrate(
     leave_parent: bool = False,
     mntns: str | os.PathLike[str] | None = None,
 ) -> Migration:
-    """Move the running process ``pid`` into another PID namespace.
+    """Move the running process ``pid`` (all its threads) into another PID namespace.
 
     ``target`` is a path to a PID-namespace file (``/proc/PID/ns/pid``), or an open fd of
     one, or a pidfd of any process in the target namespace. With ``pidfd=True``, ``pid`` is

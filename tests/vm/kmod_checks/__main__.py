@@ -23,9 +23,10 @@ import programs  # noqa: F401
 import refusals  # noqa: F401
 import semantics  # noqa: F401
 import stress  # noqa: F401
+import threads  # noqa: F401
 from harness import CHECKS, SLAB_CACHES, WORK, settle, slab_objects, stats
 
-ORDER = ("semantics", "refusals", "hazards", "programs", "stress", "fuzz")
+ORDER = ("semantics", "refusals", "hazards", "threads", "programs", "stress", "fuzz")
 
 
 def ordered_checks() -> list[str]:

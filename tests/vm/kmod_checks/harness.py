@@ -51,7 +51,14 @@ def tty_nr(gpid: int) -> int:
 
 
 def nspid(gpid: int) -> list[int]:
-    return [int(x) for x in status(gpid)["NSpid"].split()]
+    return nspid_of(f"/proc/{gpid}/status")
+
+
+def nspid_of(status_path: str) -> list[int]:
+    """The NSpid line of a /proc/.../status file."""
+    with open(status_path) as f:
+        line = next(line for line in f if line.startswith("NSpid:"))
+    return [int(x) for x in line.split()[1:]]
 
 
 def stop(gpid: int) -> None:
@@ -182,6 +189,18 @@ class Namespace:
                 "-o",
                 "pid=",
             ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        return sorted(int(x) for x in out.stdout.split())
+
+    def ps_threads(self, pid: int) -> list[int]:
+        """The thread IDs (LWP) of ``pid`` (a PID of this namespace) listed by ``ps -L`` run
+        inside the namespace with its own /proc."""
+        out = subprocess.run(
+            ["nsenter", "-t", str(self.init), "-p", "--", "unshare", "-m", "--mount-proc"]
+            + ["ps", "-L", "-o", "lwp=", "-p", str(pid)],
             capture_output=True,
             text=True,
             timeout=60,
@@ -342,6 +361,37 @@ class Subject:
             os.waitpid(self.gpid, 0)
         except ChildProcessError:
             pass
+
+
+def thread_views(gpid: int) -> dict[str, dict]:
+    """Every live thread of ``gpid`` by global TID: its NSpid and its PID namespaces (active,
+    and for children) as /proc shows them; a thread that exits meanwhile is left out."""
+    out = {}
+    for tid in os.listdir(f"/proc/{gpid}/task"):
+        base = f"/proc/{gpid}/task/{tid}"
+        try:
+            out[tid] = {
+                "nspid": nspid_of(f"{base}/status"),
+                "ns": os.readlink(f"{base}/ns/pid"),
+                "ns_for_children": os.readlink(f"{base}/ns/pid_for_children"),
+            }
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return out
+
+
+def hop_errors(gpid: int, ns_fds: tuple[int, int], hops: int) -> tuple[int, list[int]]:
+    """Move ``gpid`` back and forth ``hops`` times between two namespace fds (to ``ns_fds[1]``
+    first); its global pid at the end, and the errno of each failed move."""
+    errors = []
+    for i in range(hops):
+        try:
+            gpid = lib.__migrate(gpid, ns_fds[(i + 1) % 2]).global_pid
+        except OSError as e:
+            errors.append(e.errno)
+        if i % 1000 == 0:
+            print(f"hops {i}/{hops}", flush=True)
+    return gpid, errors
 
 
 def migrate_errno(pid: int, target, **kw) -> int:

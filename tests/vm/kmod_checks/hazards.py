@@ -451,6 +451,12 @@ def controlling_tty() -> dict:
     try:
         leader = fork_into(a.ns_fd, lambda: _session_on_pty(slave, w, hup_log))
         member = int(os.fdopen(r).readline())
+        # The member reported before its parent exited: wait until the leader reaped it (a
+        # process with a child is refused, busy_children).
+        for _ in range(500):
+            if not open(f"/proc/{leader}/task/{leader}/children").read().split():
+                break
+            time.sleep(0.01)
         before = {"leader_tty": tty_nr(leader), "member_tty": tty_nr(member)}
         taken_before = _errno_from_child(lambda: _take_ctty(slave))
         m = lib.migrate(leader, b.path)

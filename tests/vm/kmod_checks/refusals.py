@@ -68,9 +68,6 @@ def refusals() -> dict:
         os.close(w)
         out["unchanged_after_simple"] = snap()
 
-        s.call("thread")
-        cases["multi_threaded"] = migrate_errno(s.gpid, b.path)
-        out["threaded_state"] = snap()
         s.kill()
 
         s = Subject(a)

@@ -1,7 +1,7 @@
 """Many moves: back and forth, concurrent movers with fork churn, a target dying mid-burst.
 
-Counts: NSM_BACK_AND_FORTH (10,000), NSM_STRESS_CONCURRENT_EACH (or NSM_CONCURRENT_EACH; 200
-per mover, 8 movers),
+Counts: NSM_BACK_AND_FORTH (10,000), NSM_STRESS_THREADED (10,000 moves of an 8-thread
+process), NSM_STRESS_CONCURRENT_EACH (or NSM_CONCURRENT_EACH; 200 per mover, 8 movers),
 NSM_STRESS_BURST (at most 5,000 per mover while B's init is killed).
 """
 
@@ -14,15 +14,18 @@ import time
 
 from harness import (
     SLAB_CACHES,
+    LineProgram,
     Namespace,
     Subject,
     check,
     churn,
     fork_into,
+    hop_errors,
     lib,
     nspid,
     settle,
     slab_objects,
+    thread_views,
 )
 from hazards import ARM_SIGIO, ARM_TIMERS, WALK_SIGIO, WALK_TIMERS
 
@@ -74,6 +77,47 @@ def stress_back_and_forth() -> dict:
             "a_children": a.children(),
             "b_children": b.children(),
             "gpid": gpid,
+        }
+    finally:
+        a.kill()
+        b.kill()
+
+
+@check
+def stress_threaded() -> dict:
+    """An 8-thread process (tests/vm/progs/busythreads) moved n times back and forth: every
+    move allocates 9 pids and nsproxies; a reference leaked per thread would show in the slabs.
+    """
+    n = int(os.environ.get("NSM_STRESS_THREADED", "10000"))
+    a, b = Namespace("STA", 2), Namespace("STB", 2)
+    try:
+        p = LineProgram(a, "busythreads")
+        time.sleep(0.3)
+        before = p.call("info")
+        settle()
+        slab0 = slab_objects(SLAB_CACHES)
+        t0 = time.monotonic()
+        gpid, errors = hop_errors(p.gpid, (a.ns_fd, b.ns_fd), n)
+        elapsed = time.monotonic() - t0
+        time.sleep(0.3)
+        after = p.call("info")
+        views = thread_views(gpid)
+        os.kill(gpid, signal.SIGKILL)
+        while os.path.exists(f"/proc/{gpid}"):
+            time.sleep(0.05)
+        settle()
+        slab1 = slab_objects(SLAB_CACHES)
+        return {
+            "n": n,
+            "errors": sorted(set(errors)),
+            "error_count": len(errors),
+            "elapsed_s": elapsed,
+            "progress": [after[f"loops{i}"] > before[f"loops{i}"] for i in range(8)],
+            "threads": len(views),
+            "namespaces": sorted({v["ns"] for v in views.values()}),
+            "a_ns": os.readlink(f"/proc/{a.init}/ns/pid"),
+            "slab_before": slab0,
+            "slab_after": slab1,
         }
     finally:
         a.kill()

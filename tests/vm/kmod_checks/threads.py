@@ -1,0 +1,202 @@
+"""Multi-threaded processes: every thread moves in one step, or none does.
+
+The subject is tests/vm/progs/busythreads (8 busy threads, glibc and musl builds), started by
+this runner in namespace A (so the runner, its parent, is the caller of every move).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import time
+
+from harness import (
+    LineProgram,
+    Namespace,
+    Subject,
+    check,
+    lib,
+    libc,
+    migrate_errno,
+    seize,
+    stats,
+    stats_delta,
+    thread_views,
+)
+
+SYS_TGKILL = 234
+
+
+def _started(ns: Namespace, flavour: str = "glibc") -> LineProgram:
+    """busythreads in ``ns``, once every thread has reported its TID."""
+    p = LineProgram(ns, "busythreads", flavour)
+    for _ in range(100):
+        info = p.call("info")
+        if all(info[f"tid{i}"] for i in range(8)):
+            return p
+        time.sleep(0.05)
+    raise TimeoutError("busythreads: its threads did not start")
+
+
+def _tgkill_from_outside(gpid: int) -> dict[int, int]:
+    """SIGUSR1 to every thread of ``gpid`` by its global TID: the errno per TID."""
+    out = {}
+    for tid in sorted(int(t) for t in os.listdir(f"/proc/{gpid}/task")):
+        rc = libc.syscall(ctypes.c_long(SYS_TGKILL), gpid, tid, signal.SIGUSR1)
+        out[tid] = ctypes.get_errno() if rc == -1 else 0
+    return out
+
+
+def _move_every_thread(flavour: str) -> dict:
+    # A has more processes than B: the threads' old numbers name no task in B.
+    a, b = Namespace(f"TA{flavour}", 20), Namespace(f"TB{flavour}", 1)
+    try:
+        p = _started(a, flavour)
+        time.sleep(0.2)
+        before = {"info": p.call("info"), "views": thread_views(p.gpid)}
+        st0 = stats()
+        m = lib.migrate(p.gpid, b.path)
+        counted = stats_delta(st0)
+        time.sleep(0.3)
+        out = {
+            "new_pid": m.pid,
+            "counted": counted,
+            "b_ns": os.readlink(f"/proc/{b.init}/ns/pid"),
+            "before": before,
+            "after": {"info": p.call("info"), "views": thread_views(m.global_pid)},
+            "ps_lwp": b.ps_threads(m.pid),
+            "tgkill_inside": p.call("tgkill"),
+            "tgkill_outside": _tgkill_from_outside(m.global_pid),
+        }
+        time.sleep(0.3)
+        out["after_outside_tgkill"] = p.call("info")
+        out["raise"] = p.call("raise")
+        out["spawn"] = p.call("spawn")
+        out["join"] = p.call("join")
+        out["views_with_spawned"] = thread_views(m.global_pid)
+        out["robust"] = p.call("robust")
+        time.sleep(0.2)
+        out["views_after_exits"] = thread_views(m.global_pid)
+        os.kill(m.global_pid, signal.SIGKILL)
+        return out
+    finally:
+        a.kill()
+        b.kill()
+
+
+@check
+def threads_move() -> dict:
+    """An 8-thread program moves in one step: TIDs in B, threads running, signals, libc."""
+    return {flavour: _move_every_thread(flavour) for flavour in ("glibc", "musl")}
+
+
+def _one_namespace(gpid: int) -> list[str]:
+    """The distinct (pid, pid_for_children) namespaces of ``gpid``'s live threads."""
+    return sorted({f"{v['ns']} {v['ns_for_children']}" for v in thread_views(gpid).values()})
+
+
+@check
+def threads_clone_race() -> dict:
+    """A thread creates and joins threads in a loop while the process hops: after every
+    ioctl, moved or refused, all threads are in one namespace (nothing half-moved)."""
+    hops = int(os.environ.get("NSM_THREAD_HOPS", "100"))
+    a, b = Namespace("TCA", 1), Namespace("TCB", 1)
+    try:
+        p = _started(a)
+        p.call("churn")
+        time.sleep(0.2)
+        st0 = stats()
+        churned0 = p.call("churned")
+        ns_path = {0: a.path, 1: b.path}
+        ns_link = {i: os.readlink(f"/proc/{ns.init}/ns/pid") for i, ns in enumerate((a, b))}
+        gpid, where, codes, split = p.gpid, 0, [], []
+        for i in range(hops):
+            to = 1 - where
+            try:
+                gpid = lib.migrate(gpid, ns_path[to]).global_pid
+                codes.append(0)
+                where = to
+            except OSError as e:
+                codes.append(e.errno)
+            seen = _one_namespace(gpid)
+            if seen != [f"{ns_link[where]} {ns_link[where]}"]:
+                split.append({"hop": i, "seen": seen, "expected": ns_link[where]})
+        churned1 = p.call("churned")
+        info = p.call("info")
+        threads_after = len(thread_views(gpid))
+        os.kill(gpid, signal.SIGKILL)
+        return {
+            "hops": hops,
+            "codes": codes,
+            "split": split[:10],
+            "churned_before": churned0,
+            "churned_after": churned1,
+            "threads_after": threads_after,
+            "retried": stats_delta(st0).get("attempts_retried", 0),
+            "loops": [info[f"loops{i}"] for i in range(8)],
+        }
+    finally:
+        a.kill()
+        b.kill()
+
+
+def _refused(gpid: int, target: str, **kw) -> dict:
+    """A refused move, with the counters it moved and every thread's view before and after."""
+    views = thread_views(gpid)
+    st0 = stats()
+    code = migrate_errno(gpid, target, **kw)
+    return {"errno": code, "counted": stats_delta(st0), "same": thread_views(gpid) == views}
+
+
+IO_URING_SQPOLL = """
+import ctypes
+params = ctypes.create_string_buffer(120)
+ctypes.c_uint32.from_buffer(params, 8).value = 2  # IORING_SETUP_SQPOLL
+ctypes.c_uint32.from_buffer(params, 16).value = 60000  # sq_thread_idle, ms
+fd = libc.syscall(ctypes.c_long(425), 8, params)  # io_uring_setup
+result = {"fd": fd, "errno": ctypes.get_errno() if fd < 0 else 0}
+"""
+
+
+@check
+def threads_refused() -> dict:
+    """What cannot move is refused with its reason, and every thread is left as it was: a
+    traced thread, a thread's vfork child (and that child itself), an io_uring worker."""
+    a, b = Namespace("TRA", 1), Namespace("TRB", 1)
+    try:
+        p = _started(a)
+        tids = sorted(int(t) for t in os.listdir(f"/proc/{p.gpid}/task"))
+        tracer = seize(tids[3])  # one thread, not the leader
+        out = {"traced": _refused(p.gpid, b.path)}
+        os.kill(tracer, signal.SIGKILL)
+        os.waitpid(tracer, 0)
+        out["vfork"] = p.call("vfork")
+        time.sleep(0.3)
+        out["vfork_parent"] = _refused(p.gpid, b.path)
+        kids = [
+            int(c)
+            for t in os.listdir(f"/proc/{p.gpid}/task")
+            for c in open(f"/proc/{p.gpid}/task/{t}/children").read().split()
+        ]
+        vchild = _refused(kids[0], b.path, leave_parent=True) if kids else {"errno": None}
+        out["vfork_child"] = vchild
+        time.sleep(2.5)  # the vfork child exits (and reaps itself)
+        before = p.call("info")
+        out["moved_after"] = migrate_errno(p.gpid, b.path)
+        time.sleep(0.3)
+        after = p.call("info")
+        out["progress_after"] = [after[f"loops{i}"] > before[f"loops{i}"] for i in range(8)]
+
+        s = Subject(a)
+        out["io_uring"] = s.call("run", code=IO_URING_SQPOLL)["result"]
+        out["io_uring_threads"] = sorted(
+            open(f"/proc/{s.gpid}/task/{t}/comm").read().strip()
+            for t in os.listdir(f"/proc/{s.gpid}/task")
+        )
+        out["io_uring_refused"] = _refused(s.gpid, b.path)
+        s.kill()
+        return out
+    finally:
+        a.kill()
+        b.kill()
