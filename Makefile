@@ -29,11 +29,11 @@ help:
 setup:
 	@bash tools/setup.sh
 
-# The debug-kernel suite (tests marked `debug`) is opt-in: it is deselected unless -m names it
-# (tests/conftest.py), and `make test-debug` builds or reuses the kernel as its own step first,
-# never inside a test's timeout. It is not part of `make test` yet: the kernel has not been
-# booted on a machine of ours (see README, "The debug kernel").
+# `make test` builds (or reuses, from ~/.cache/nsexp/kernels) the debug kernel as its own step
+# before pytest, never inside a test's timeout; a run that deselects the VM tests skips it.
+# `make test-debug` runs only the debug-kernel suite (tests marked `debug`).
 test: setup
+	$(if $(findstring not vm,$(PYTEST_ARGS)),,$(NSEXP) debug-kernel)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-debug: setup debug-kernel

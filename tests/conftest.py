@@ -11,16 +11,6 @@ from typing import Any
 import pytest
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Deselect the debug-kernel suite unless the -m expression names it (`make test-debug`)."""
-    if "debug" in (config.getoption("markexpr") or ""):
-        return
-    kept = [item for item in items if item.get_closest_marker("debug") is None]
-    if len(kept) != len(items):
-        config.hook.pytest_deselected(items=[i for i in items if i not in kept])
-        items[:] = kept
-
-
 @pytest.fixture(scope="session")
 def vm_testbed() -> Any:
     """The VM testbed on the default kernel (or $NSEXP_KERNEL), with its prerequisites checked

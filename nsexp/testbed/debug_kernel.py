@@ -308,7 +308,7 @@ def ensure(*, jobs: int | None = None) -> DebugKernel:
         cpu0 = _children_cpu_seconds()
         # an interrupted build goes on where it stopped: say so in the record
         resumed = (d / "build" / ".config").exists()
-        _log(f"building into {d} with {jobs} jobs (cold: about an hour on 2 cores)")
+        _log(f"building into {d} with {jobs} jobs (cold: about 12 min on an idle 2-core machine)")
         src = _source_tree()
         _configure(src, d / "build")
         objects = _make(src, d / "build", jobs)
