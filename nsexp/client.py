@@ -66,7 +66,7 @@ class Client:
         self.timeout = timeout
         self.reconnect = reconnect
         self._sock: socket.socket | None = None
-        self._receiver: protocol.Receiver | None = None
+        self._receiver = protocol.Receiver()  # one buffer for every connection it opens
         self._answered = False  # the open connection has carried a request and its reply
         _clients.add(self)
 
@@ -99,7 +99,7 @@ class Client:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
         self._sock = sock
-        self._receiver = protocol.Receiver()
+        self._receiver.reset()
         self._answered = False
 
     def close(self) -> None:
@@ -107,7 +107,6 @@ class Client:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
-            self._receiver = None
 
     def _drop(self) -> None:
         self.close()
@@ -157,7 +156,6 @@ class Client:
                 self.connect()
                 assert self._sock is not None
                 self._sock.sendall(frame)
-            assert self._receiver is not None
             reply = self._receiver.recv(self._sock)
             self._answered = True
             return reply

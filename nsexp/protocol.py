@@ -197,6 +197,10 @@ class Receiver:
         self._view = memoryview(self._buf)
         self._have = 0  # bytes received and not yet returned
 
+    def reset(self) -> None:
+        """Forget buffered bytes (the reader moves to a new socket)."""
+        self._have = 0
+
     def recv(self, sock: socket.socket) -> dict[str, Any]:
         """Read one frame; raises ProtocolError, ConnectionClosed or OSError (as recv_msg)."""
         need = HEADER.size
