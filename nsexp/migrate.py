@@ -50,9 +50,10 @@ examples:
 
 The module refuses, among others: a PID that does not exist (ESRCH); a kernel thread, a
 namespace init, or a process already in the target (EINVAL); a caller without CAP_SYS_ADMIN over
-both namespaces or without ptrace access to the process (EPERM); a multi-threaded process, one
-with children, one whose parent is neither an init nor this command (without --leave-parent), or
-one on whose CPU clock another process has armed a timer (EBUSY); a target whose init has died
+both namespaces or without ptrace access to the process (EPERM); a process with children, a
+vforked, ptraced or exec-ing thread or an io_uring worker, one whose parent is neither an init
+nor this command (without --leave-parent), one on whose CPU clock another process has armed a
+timer, or one that kept starting threads through every attempt (EBUSY); a target whose init has died
 or that has no init yet (ENXIO); a process that does not reach a safe point in time (ETIMEDOUT).
 See kmod/README.md."""
 

@@ -24,7 +24,7 @@ DESCRIPTION = """\
 Ask the migration manager (nsexp manager) to move this process into the namespace the
 manager registered as NS; then run COMMAND there, as the same process with its new PID, or
 print the result. The manager decides: the namespace must be registered, the route allowed, and
-the process movable (a child of its namespace's init, single-threaded, without children)."""
+the process movable (a child of its namespace's init, without children; all its threads move)."""
 
 EPILOG = f"""\
 exit status:
