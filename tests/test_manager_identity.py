@@ -17,7 +17,7 @@ from nsexp.backends import Backend, Namespace, Peer
 from nsexp.client import Client, ManagerUnavailable
 from nsexp.hierarchy import Hierarchy, NamespacePlan
 from nsexp.manager import Manager
-from nsexp.manager.service import Unidentified
+from nsexp.manager.identity import Unidentified, open_known
 
 
 @pytest.fixture
@@ -34,10 +34,9 @@ def two_ns():
 def test_kept_view_fails_once_its_process_is_gone(sock, two_ns):
     """The kept /proc/PID/stat says the state while the process lives, nothing once it is gone
     (exited here; a kmod move frees the old pid the same way): the pid is then looked up anew."""
-    manager = Manager(sock, Backend(), two_ns.namespaces)
     child = subprocess.Popen(["sleep", "30"])
     try:
-        known, state = manager._open_known(child.pid)
+        known, state = open_known(child.pid, two_ns.namespaces)
         assert state in "SR" and known.state() in ("S", "R")
         assert known.source is None and known.pid_in_ns == child.pid  # not a registered ns
     finally:
@@ -46,7 +45,7 @@ def test_kept_view_fails_once_its_process_is_gone(sock, two_ns):
     assert known.state() is None
     known.close()
     with pytest.raises(Unidentified):
-        manager._open_known(child.pid)
+        open_known(child.pid, two_ns.namespaces)
 
 
 class ClaimsAnotherPid(Backend):

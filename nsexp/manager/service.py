@@ -22,6 +22,8 @@ from typing import Any
 
 from nsexp import protocol
 from nsexp.backends import Backend, MigrationError, Namespace, Peer
+from nsexp.manager import identity
+from nsexp.manager.identity import KnownSender, Unidentified
 from nsexp.manager.pool import Pool
 from nsexp.protocol import Credentials, ProtocolError
 
@@ -55,39 +57,7 @@ class _Conn:
         self.busy = False  # a request of this connection is being served by a pool thread
         self.closing = False  # close once ``out`` is flushed
         self.partial_since: float | None = None  # a frame started, not finished
-        self.known: _Known | None = None  # the last sender seen on it (Manager._identify)
-
-
-class _Known:
-    """A sender, with an open /proc/PID/stat that tells whether it is still that process.
-
-    The fd pins the struct pid the number named when it was opened: reading it fails (ESRCH)
-    once that pid has no task (the process exited, or a kmod move gave it a new pid). While it
-    reads, the number still names the same process, whose namespace and pid there are fixed
-    (a move always allocates a new pid), so one pread() per message proves the cached view.
-    """
-
-    __slots__ = ("pid", "fd", "source", "pid_in_ns", "peer")
-
-    def __init__(self, pid: int, fd: int, source: Namespace | None, pid_in_ns: int) -> None:
-        self.pid = pid
-        self.fd = fd
-        self.source = source
-        self.pid_in_ns = pid_in_ns
-        self.peer: Peer | None = None  # built for the first message's credentials
-
-    def state(self) -> str | None:
-        """The process's state letter now, or None if it is not that process any more."""
-        try:
-            stat = os.pread(self.fd, 1024, 0)  # "PID (COMM) S ...": comm may hold ")"
-        except OSError:
-            return None
-        return chr(stat[stat.rindex(b")") + 2])
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        self.known: KnownSender | None = None  # its last sender (Manager._identify)
 
 
 class Manager:
@@ -586,8 +556,8 @@ class Manager:
     def _identify(self, conn: _Conn, creds: Credentials | None) -> tuple[Peer, str]:
         """The sender of one message, from its kernel credentials, and its state letter now.
 
-        The connection's last sender is re-checked with one pread() (see _Known); a new pid, or
-        a view that fails that check, is looked up afresh in /proc.
+        The connection's last sender is re-checked with one pread() (identity.KnownSender); a
+        new pid, or a view that fails that check, is looked up afresh in /proc.
         """
         if creds is None or creds.pid <= 0:
             raise Unidentified("the message carried no sender credentials")
@@ -597,7 +567,7 @@ class Manager:
             if known is not None:
                 known.close()
                 conn.known = None
-            known, state = self._open_known(creds.pid)
+            known, state = identity.open_known(creds.pid, self.registry)
             conn.known = known
         peer = known.peer
         if peer is None or peer.uid != creds.uid or peer.gid != creds.gid:
@@ -605,51 +575,9 @@ class Manager:
             known.peer = peer
         return peer, state
 
-    def _open_known(self, pid: int) -> tuple[_Known, str]:
-        """Open the view of ``pid``: its /proc/PID/stat kept open, its namespace, its pid there.
-
-        The stat fd is opened first and read last: if that read works, the same process held
-        the pid throughout, so the namespace link and the status read in between are its own.
-        """
-        try:
-            fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise Unidentified(f"pid {pid} is gone: {exc.strerror}") from None
-        try:
-            link = os.readlink(f"/proc/{pid}/ns/pid")  # "pid:[INODE]"
-            status_fd = os.open(f"/proc/{pid}/status", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                status = os.read(status_fd, 16384)
-            finally:
-                os.close(status_fd)
-        except OSError as exc:
-            os.close(fd)
-            raise Unidentified(f"pid {pid} is gone: {exc.strerror}") from None
-        inode = int(link[link.index("[") + 1 : -1])
-        source = next((ns for ns in self.registry.values() if ns.inode == inode), None)
-        known = _Known(pid, fd, source, int(_status_field(status, b"NSpid").split()[-1]))
-        state = known.state()
-        if state is None:
-            known.close()
-            raise Unidentified(f"pid {pid} is gone")
-        return known, state
-
     def _locate(self, pid: int) -> tuple[int, Namespace | None, int, str]:
-        """(pid, its registered namespace or None, its pid there, its state letter).
-
-        The legacy path's lookup, kept as it was (one readlink, one read of /proc/PID/status
-        per request); the loop keeps a view per connection instead (_identify).
-        """
-        try:
-            link = os.readlink(f"/proc/{pid}/ns/pid")  # "pid:[INODE]"
-            with open(f"/proc/{pid}/status", "rb") as f:
-                status = f.read()
-        except OSError as exc:
-            raise Unidentified(f"pid {pid} is gone: {exc.strerror}") from None
-        inode = int(link[link.index("[") + 1 : -1])
-        source = next((ns for ns in self.registry.values() if ns.inode == inode), None)
-        pid_in_ns = int(_status_field(status, b"NSpid").split()[-1])
-        return pid, source, pid_in_ns, _status_field(status, b"State")[:1].decode()
+        """The legacy path's look-up (nsexp.manager.identity.locate)."""
+        return identity.locate(pid, self.registry)
 
     # -- one request (a pool thread, or a legacy connection thread) ---------------------------
 
@@ -774,13 +702,3 @@ class Manager:
                 self.on_failure(peer, req, exc)
             except Exception:  # noqa: BLE001
                 log.exception("on_failure hook failed")
-
-
-def _status_field(status: bytes, name: bytes) -> bytes:
-    """The value of one ``Name:\tvalue`` line of /proc/PID/status."""
-    start = status.index(b"\n" + name + b":") + len(name) + 2
-    return status[start : status.index(b"\n", start)].strip()
-
-
-class Unidentified(Exception):
-    """The sender of a message cannot be told (no credentials, or it is gone)."""
