@@ -189,9 +189,10 @@ def serve(
 def _echo_server(listener: socket.socket) -> None:
     conn, _ = listener.accept()
     listener.close()
+    receiver = protocol.Receiver()
     while True:
         try:
-            msg = protocol.recv_msg(conn)
+            msg = receiver.recv(conn)
         except (protocol.ProtocolError, OSError):
             os._exit(0)
         protocol.send_msg(conn, {"ok": True, "id": msg.get("id")})
@@ -199,7 +200,8 @@ def _echo_server(listener: socket.socket) -> None:
 
 def minimal_floor(n: int, warmup: int, tags: dict[str, Any]) -> list[dict[str, Any]]:
     """``warmup + n`` request/reply round trips between this process and a forked one over a
-    connected Unix socket, with the manager's framing (nsexp.protocol) and no manager logic."""
+    connected Unix socket, with the manager's framing (nsexp.protocol) and no manager logic.
+    Both sides read as the client and the manager do (one recv per frame, protocol.Receiver)."""
     path = f"{GUEST_DIR}/floor.sock"
     Path(path).unlink(missing_ok=True)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -214,12 +216,13 @@ def minimal_floor(n: int, warmup: int, tags: dict[str, Any]) -> list[dict[str, A
     listener.close()
     rows = []
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    receiver = protocol.Receiver()
     try:
         sock.connect(path)
         for j in range(warmup + n):
             t0 = time.monotonic_ns()
             protocol.send_msg(sock, {"op": "ping", "id": j})
-            protocol.recv_msg(sock)
+            receiver.recv(sock)
             t1 = time.monotonic_ns()
             i = j - warmup
             rows.append(
