@@ -531,6 +531,21 @@ def test_io_uring_worker_is_refused(guest: dict) -> None:
     assert r["same"]
 
 
+def test_thread_directed_objects_follow_their_thread(guest: dict) -> None:
+    d = data(guest, "thread_owned_objects")
+    before, after = d["before"]["result"], d["after"]["result"]
+    assert d["before"].get("error") is None and d["after"].get("error") is None, d
+    assert before["arm"] == [0, 0] and before["getown_ex"] == [0, before["tid"]]
+    # The worker has a new TID in B, and every object naming it names the new one.
+    assert after["tid_now"] != before["tid"]
+    assert after["tid_now"] in [v["nspid"][-1] for v in d["views"].values()]
+    assert after["getown_ex"] == [0, after["tid_now"]] and after["sigio"] >= 1
+    assert after["timer_signals"] >= 5  # a 20 ms SIGEV_THREAD_ID timer over 0.6 s
+    # The CPU timer on the worker's clock: readable, re-armable, deletable after the move.
+    assert 40 < after["cpu_left"] <= 100 and after["rearm"] == 0
+    assert after["delete"] == [0, 0]
+
+
 def test_ten_thousand_moves_of_an_eight_thread_process(guest: dict) -> None:
     d = data(guest, "stress_threaded")
     assert d["n"] == THREADED_MOVES and d["error_count"] == 0

@@ -103,8 +103,13 @@ def stress_threaded() -> dict:
         after = p.call("info")
         views = thread_views(gpid)
         os.kill(gpid, signal.SIGKILL)
-        while os.path.exists(f"/proc/{gpid}"):
-            time.sleep(0.05)
+        try:
+            os.waitpid(gpid, 0)  # never moved: still this runner's child
+        except ChildProcessError:  # moved: reaped by the namespace's init
+            for _ in range(600):
+                if not os.path.exists(f"/proc/{gpid}"):
+                    break
+                time.sleep(0.05)
         settle()
         slab1 = slab_objects(SLAB_CACHES)
         return {

@@ -200,3 +200,62 @@ def threads_refused() -> dict:
     finally:
         a.kill()
         b.kill()
+
+
+# In the subject: a worker thread waits for a timer signal and SIGIO directed at it alone
+# (SIGEV_THREAD_ID, F_OWNER_TID); a CPU-clock timer runs on the worker's own clock.
+ARM_THREAD_OBJECTS = """
+import fcntl, struct
+SIG = signal.SIGRTMIN + 2
+signal.pthread_sigmask(signal.SIG_BLOCK, [SIG, signal.SIGIO])
+box = {"timer": 0, "sigio": 0, "ready": threading.Event()}
+def worker():
+    box["tid"] = box["tid_now"] = threading.get_native_id()
+    box["ready"].set()
+    while True:
+        info = signal.sigtimedwait([SIG, signal.SIGIO], 0.1)
+        box["tid_now"] = threading.get_native_id()
+        if info is not None:
+            box["timer" if info.si_signo == SIG else "sigio"] += 1
+threading.Thread(target=worker, daemon=True).start()
+box["ready"].wait()
+tid = box["tid"]
+ttimer = timer_create(CLOCK_MONOTONIC, SIGEV_THREAD_ID, SIG, tid)
+tcpu = timer_create(((~tid) << 3) | 6, SIGEV_THREAD_ID, SIG, tid)  # the worker's CPU clock
+own_r, own_w = os.pipe()
+fcntl.fcntl(own_r, 15, struct.pack("ii", 0, tid))  # F_SETOWN_EX, F_OWNER_TID
+fcntl.fcntl(own_r, fcntl.F_SETFL, fcntl.fcntl(own_r, fcntl.F_GETFL) | os.O_ASYNC)
+arm = [timer_settime(ttimer, 0.02, interval=0.02), timer_settime(tcpu, 100.0)]
+result = {"tid": tid, "arm": arm,
+          "getown_ex": list(struct.unpack("ii", fcntl.fcntl(own_r, 16, bytes(8))))}
+"""
+WALK_THREAD_OBJECTS = """
+t0, s0 = box["timer"], box["sigio"]
+time.sleep(0.6)
+os.write(own_w, b"x")
+time.sleep(0.3)
+os.read(own_r, 1)
+result = {"tid_now": box["tid_now"], "timer_signals": box["timer"] - t0, "sigio": box["sigio"] - s0,
+          "getown_ex": list(struct.unpack("ii", fcntl.fcntl(own_r, 16, bytes(8)))),
+          "cpu_left": timer_gettime(tcpu), "rearm": timer_settime(tcpu, 50.0),
+          "delete": [timer_delete(ttimer), timer_delete(tcpu)]}
+"""
+
+
+@check
+def thread_owned_objects() -> dict:
+    """Objects naming a non-leader thread follow that thread: a SIGEV_THREAD_ID timer, a
+    CPU-clock timer on the thread's clock (deleted after the move, then the process exits:
+    the timer list is walked), an F_SETOWN_EX F_OWNER_TID owner."""
+    a, b = Namespace("TOA", 5), Namespace("TOB", 1)  # old and new TIDs differ
+    try:
+        s = Subject(a)
+        before = s.call("run", code=ARM_THREAD_OBJECTS)
+        s.gpid = lib.migrate(s.gpid, b.path).global_pid
+        after = s.call("run", code=WALK_THREAD_OBJECTS)
+        views = thread_views(s.gpid)
+        s.kill()
+        return {"before": before, "after": after, "views": views}
+    finally:
+        a.kill()
+        b.kill()
