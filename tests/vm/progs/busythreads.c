@@ -119,11 +119,11 @@ static void *churn(void *arg)
 
 static void *vforker(void *arg)
 {
-	struct timespec two = { 2, 0 };
+	struct timespec five = { 5, 0 };
 
 	(void)arg;
 	if (vfork() == 0) {
-		syscall(SYS_nanosleep, &two, NULL);
+		syscall(SYS_nanosleep, &five, NULL);
 		_exit(0);
 	}
 	return NULL;
