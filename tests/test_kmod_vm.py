@@ -531,6 +531,18 @@ def test_io_uring_worker_is_refused(guest: dict) -> None:
     assert r["same"]
 
 
+def test_threads_not_reaching_a_safe_point_time_out_untouched(guest: dict) -> None:
+    """Every thread group-stopped: none arrives, the move gives up (ETIMEDOUT) and leaves each
+    thread as it was; after SIGCONT the same process moves."""
+    d = data(guest, "threads_refused")
+    assert d["all_stopped"]
+    r = d["stopped"]
+    assert r["errno"] == errno.ETIMEDOUT, r
+    assert r["counted"] == {"refused_etimedout": 1}, r
+    assert r["same"]
+    assert d["stopped_moved_after"] == 0
+
+
 def test_thread_directed_objects_follow_their_thread(guest: dict) -> None:
     d = data(guest, "thread_owned_objects")
     before, after = d["before"]["result"], d["after"]["result"]

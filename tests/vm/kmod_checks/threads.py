@@ -172,10 +172,25 @@ def _children_of_threads(pid: int) -> list[int]:
     return kids
 
 
+def _all_threads_in_state(pid: int, state: str, wait_s: float = 10.0) -> bool:
+    """Whether every thread of ``pid`` reaches ``state`` (a /proc stat letter) within wait_s."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        states = []
+        for t in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{t}/stat") as f:
+                states.append(f.read().rsplit(")", 1)[1].split()[0])
+        if all(x == state for x in states):
+            return True
+        time.sleep(0.05)
+    return False
+
+
 @check
 def threads_refused() -> dict:
     """What cannot move is refused with its reason, and every thread is left as it was: a
-    traced thread, a thread's vfork child (and that child itself), an io_uring worker."""
+    traced thread, a thread's vfork child (and that child itself), an io_uring worker, and
+    threads that do not reach a safe point in time."""
     a, b = Namespace("TRA", 1), Namespace("TRB", 1)
     try:
         p = _started(a)
@@ -205,6 +220,15 @@ def threads_refused() -> dict:
         )
         out["io_uring_refused"] = _refused(s.gpid, b.path)
         s.kill()
+
+        # threads that cannot reach a safe point in time (group-stopped): ETIMEDOUT, untouched
+        q = _started(a)
+        os.kill(q.gpid, signal.SIGSTOP)
+        out["all_stopped"] = _all_threads_in_state(q.gpid, "T")
+        out["stopped"] = _refused(q.gpid, b.path, timeout=1.0)
+        os.kill(q.gpid, signal.SIGCONT)
+        time.sleep(0.3)
+        out["stopped_moved_after"] = migrate_errno(q.gpid, b.path)
         return out
     finally:
         a.kill()
