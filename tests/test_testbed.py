@@ -174,6 +174,23 @@ def test_debug_kernel_cache_key_follows_the_fragment(monkeypatch, tmp_path):
     assert debug_kernel.cache_dir().parent == tmp_path
 
 
+def test_debug_kernel_cache_key_ignores_comments_but_not_unset_options(monkeypatch, tmp_path):
+    def key(text: str) -> str:
+        frag = tmp_path / "frag.config"
+        frag.write_text(text)
+        monkeypatch.setattr(debug_kernel, "FRAGMENT", frag)
+        debug_kernel.config_hash.cache_clear()
+        try:
+            return debug_kernel.config_hash()
+        finally:
+            debug_kernel.config_hash.cache_clear()
+
+    base = key("CONFIG_KASAN=y\n# CONFIG_DRM is not set\n")
+    assert key("# why KASAN\n\nCONFIG_KASAN=y\n# CONFIG_DRM is not set\n") == base
+    assert key("CONFIG_KASAN=y\n") != base
+    assert key("CONFIG_KASAN=y\n# CONFIG_SOUND is not set\n") != base
+
+
 def test_debug_kernel_config_check_names_lost_options():
     wanted = debug_kernel._wanted_options()
     assert wanted["CONFIG_KASAN"] == "y" and wanted["CONFIG_X86_KERNEL_IBT"] == "n"

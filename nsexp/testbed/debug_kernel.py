@@ -113,12 +113,22 @@ def _configkernel_script() -> Path | None:
     return None
 
 
+_NOT_SET = re.compile(r"^# CONFIG_\w+ is not set$")
+
+
+def _fragment_settings() -> list[str]:
+    """The fragment's lines that set something (``# CONFIG_X is not set`` included): editing
+    a comment does not change the cache key, so it does not cost a rebuild."""
+    lines = (line.strip() for line in FRAGMENT.read_text().splitlines())
+    return [line for line in lines if line and (not line.startswith("#") or _NOT_SET.match(line))]
+
+
 @functools.lru_cache(maxsize=1)
 def config_hash() -> str:
     """12 hex digits over everything that decides the .config: recipe, base, fragment and
     virtme-ng's configuration step."""
     h = hashlib.sha256(f"nsexp-debug-kernel/{RECIPE_VERSION}\0{BASE_CONFIG}\0".encode())
-    h.update(FRAGMENT.read_bytes() + b"\0")
+    h.update("\n".join(_fragment_settings()).encode() + b"\0")
     script = _configkernel_script()
     h.update(script.read_bytes() if script else b"no virtme-ng")
     return h.hexdigest()[:12]
