@@ -8,23 +8,25 @@ fault-injection paths (tests/vm/fault_injection.py), the concurrent ioctl fuzzer
 tests/test_kmod_vm.py, collected here against this boot; on top, any report of a checker in
 the kernel log fails.
 
-Run it alone: ``make test PYTEST_ARGS='-m debug'``.
+Run it alone: ``make test-debug``. ``make fuzz-debug`` boots it for the ioctl fuzzer alone at the
+issue's 100,000 calls (``NSEXP_DEBUG_PARTS=fuzz``) and writes the run's record, with the commit
+taken before the boot, to ``NSEXP_DEBUG_FUZZ_RECORD``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import errno
 import json
 import os
+from pathlib import Path
 
 import pytest
 import test_kmod_vm as stock
 
-from nsexp import testbed
+from nsexp import records, testbed
 from nsexp.testbed import debug_kernel
-
-pytestmark = [pytest.mark.vm, pytest.mark.debug, pytest.mark.slow, pytest.mark.timeout(5400)]
 
 #: counts for the module's suite on the debug kernel (KASAN and lockdep under TCG are slow)
 BACK_AND_FORTH = int(os.environ.get("NSEXP_DEBUG_BACK_AND_FORTH", "300"))
@@ -34,6 +36,19 @@ FUZZ = int(os.environ.get("NSEXP_DEBUG_FUZZ", "3000"))
 #: calls of the concurrent ioctl fuzzer: about 20 calls/s on this kernel under TCG, so 100,000
 #: take well over an hour (README, "The debug kernel"); NSEXP_DEBUG_IOCTL_FUZZ=100000 runs them
 IOCTL_FUZZ = int(os.environ.get("NSEXP_DEBUG_IOCTL_FUZZ", "4000"))
+#: what the boot runs: the module's suite, the fault injection, the ioctl fuzzer (all by default)
+PARTS = frozenset(os.environ.get("NSEXP_DEBUG_PARTS", "suite,faults,fuzz").split(","))
+#: where to write the fuzzer's record with its provenance (none by default)
+FUZZ_RECORD = os.environ.get("NSEXP_DEBUG_FUZZ_RECORD")
+#: seconds for the fuzzer's command: it makes about 20 calls/s here, allow 10
+FUZZ_SECONDS = max(3000, IOCTL_FUZZ // 10 + 600)
+
+pytestmark = [
+    pytest.mark.vm,
+    pytest.mark.debug,
+    pytest.mark.slow,
+    pytest.mark.timeout(5400 + FUZZ_SECONDS),
+]
 
 KMEMLEAK = "/sys/kernel/debug/kmemleak"
 #: before the checks: forget what boot itself left unreferenced (not the module's doing)
@@ -47,18 +62,67 @@ KMEMLEAK_SCAN = (
     f"cat {KMEMLEAK} > $NSEXP_OUT/kmemleak.txt"
 )
 
-COMMANDS = [
-    KMEMLEAK_CLEAR,
-    'python3 tests/vm/kmod_checks "$NSEXP_OUT"',
-    'python3 tests/vm/fault_injection.py "$NSEXP_OUT"',
-    'python3 tests/vm/ioctl_fuzz.py "$NSEXP_OUT"',
-    KMEMLEAK_SCAN,
-]
+PART_COMMANDS = {
+    "suite": 'python3 tests/vm/kmod_checks "$NSEXP_OUT"',
+    "faults": 'python3 tests/vm/fault_injection.py "$NSEXP_OUT"',
+    "fuzz": 'python3 tests/vm/ioctl_fuzz.py "$NSEXP_OUT"',
+}
+if not PARTS <= PART_COMMANDS.keys():
+    raise ValueError(f"NSEXP_DEBUG_PARTS: unknown {sorted(PARTS - PART_COMMANDS.keys())}")
+COMMANDS = [KMEMLEAK_CLEAR, *(c for p, c in PART_COMMANDS.items() if p in PARTS), KMEMLEAK_SCAN]
+
+
+def need(part: str) -> None:
+    """Skip a test of a part this run did not select (NSEXP_DEBUG_PARTS), saying so."""
+    if part not in PARTS:
+        pytest.skip(f"NSEXP_DEBUG_PARTS={','.join(sorted(PARTS))} does not run {part!r}")
+
+
+def write_fuzz_record(path: Path, result: dict, version: str, started: str, command: str) -> None:
+    """The fuzzer's run as a published record: its totals and what the kernel reported."""
+    batch, z = result["batch"], result["fuzz"]
+    workers = z.get("workers_results", [])
+    counts: dict[str, int] = {}
+    for w in workers:
+        for name, n in w.get("counts", {}).items():
+            counts[name] = counts.get(name, 0) + n
+    record = {
+        "calls_wanted": IOCTL_FUZZ,
+        "calls": z.get("calls"),
+        "workers": z.get("workers"),
+        "seconds": z.get("seconds"),
+        "calls_per_second": z.get("calls_per_second"),
+        "answers": dict(sorted(counts.items())),
+        "migrations_done": sum(w.get("successes", 0) for w in workers),
+        "unexpected_answers": sum(len(w.get("unexpected", [])) for w in workers),
+        "bad_replies": sum(w.get("bad_replies", 0) for w in workers),
+        "in_flight_after": z.get("stats_after", {}).get("in_flight"),
+        "commands_ok": all(r.ok for r in batch.results),
+        "kernel_log_problems": batch.kernel_log_problems(),
+        "kmemleak_report": result["kmemleak"],
+        "module_unloaded": batch.module_unloaded,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    records.write_sidecar(
+        path,
+        {
+            "file": path.name,
+            "code_version": version,
+            "command": command,
+            "kernel": batch.kernel_release,
+            "accel": batch.accel,
+            "parts": sorted(PARTS),
+            "date": started,
+        },
+    )
 
 
 @pytest.fixture(scope="module")
 def debug_boot() -> dict:
     """Build or reuse the debug kernel, boot it once, run every guest program."""
+    version = records.code_version()  # before the boot: the code that ran
+    started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     stock.build_guest_programs()  # glibc and musl test programs (build/kmod-progs)
     try:
         debug_kernel.ensure()
@@ -76,8 +140,8 @@ def debug_boot() -> dict:
             "NSM_CAT_BYTES": str(1 << 20),
             "NSM_IOCTL_FUZZ": str(IOCTL_FUZZ),
         },
-        timeout=4800,
-        command_timeout=3000,
+        timeout=1800 + FUZZ_SECONDS,
+        command_timeout=FUZZ_SECONDS,
         # every slab cache its own, so that fault injection can pick one (fault_injection.py)
         kernel_args=["slab_nomerge"],
     )
@@ -87,18 +151,23 @@ def debug_boot() -> dict:
         path = out / name
         return json.loads(path.read_text()) if path.exists() else {}
 
-    return {
+    result = {
         "batch": batch,
         "obs": load("kmod_checks.json"),
         "faults": load("fault_injection.json"),
         "fuzz": load("ioctl_fuzz.json"),
         "kmemleak": (out / "kmemleak.txt").read_text() if (out / "kmemleak.txt").exists() else None,
     }
+    if FUZZ_RECORD and "fuzz" in PARTS:
+        command = f"NSEXP_DEBUG_PARTS={','.join(sorted(PARTS))} NSEXP_DEBUG_IOCTL_FUZZ={IOCTL_FUZZ}"
+        write_fuzz_record(Path(FUZZ_RECORD), result, version, started, command + " make fuzz-debug")
+    return result
 
 
 @pytest.fixture(scope="module")
 def guest(debug_boot: dict) -> dict:
     """The module's suite on the debug kernel, shaped as tests/test_kmod_vm.py expects."""
+    need("suite")
     assert debug_boot["obs"], (
         "the guest wrote no kmod_checks.json: " + (debug_boot["batch"].results[1].stderr[-3000:])
     )
@@ -201,6 +270,7 @@ REQUIRED_PATHS = ("work", "nsproxy", "pid")
 
 
 def _faults(debug_boot: dict) -> dict:
+    need("faults")
     f = debug_boot["faults"]
     assert f, "fault_injection.py wrote nothing"
     assert f["ok"], f.get("traceback")
@@ -243,6 +313,7 @@ def test_fault_injection_leaks_no_slab_objects(debug_boot: dict) -> None:
 
 
 def test_ioctl_fuzz_under_churn(debug_boot: dict) -> None:
+    need("fuzz")
     z = debug_boot["fuzz"]
     assert z, "ioctl_fuzz.py wrote nothing"
     assert z["worker_status"] == [0] * z["workers"], z
