@@ -13,7 +13,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from test_kmod_build import SUPPORTED, supported_releases
 
 from nsexp import testbed
 
@@ -35,10 +34,12 @@ def build_guest_programs() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-@pytest.fixture(scope="module", params=SUPPORTED, ids=lambda s: f"linux-{s.rstrip('.')}")
+@pytest.fixture(
+    scope="module", params=testbed.SUPPORTED_SERIES, ids=lambda s: f"linux-{s.rstrip('.')}"
+)
 def guest(request) -> dict:
     """Boot the kernel once, run every check, return the observations and the batch."""
-    release = next(r for r in supported_releases() if r.startswith(request.param))
+    release = next(r for r in testbed.supported_releases() if r.startswith(request.param))
     build_guest_programs()
     tb = testbed.VMTestbed(kernel=release)
     batch = tb.run_batch(

@@ -37,6 +37,7 @@ from nsexp.testbed.interface import (
 from nsexp.testbed.kernel_log import kernel_log_problems
 from nsexp.testbed.kernels import (
     DEBUG_KERNEL_NAME,
+    SUPPORTED_SERIES,
     GuestKernel,
     available_kernels,
     build_module,
@@ -46,6 +47,7 @@ from nsexp.testbed.kernels import (
     module_is_stale,
     module_path,
     resolve_kernel,
+    supported_releases,
 )
 from nsexp.testbed.native import NativeTestbed
 from nsexp.testbed.vm import GUEST_PATH, VMTestbed, find_vng, vm_processes
@@ -53,6 +55,7 @@ from nsexp.testbed.vm import GUEST_PATH, VMTestbed, find_vng, vm_processes
 __all__ = [
     "BUILD_DIR",
     "DEBUG_KERNEL_NAME",
+    "SUPPORTED_SERIES",
     "DEVICE_PATH",
     "GUEST_PATH",
     "KMOD_DIR",
@@ -79,6 +82,7 @@ __all__ = [
     "module_is_stale",
     "module_path",
     "resolve_kernel",
+    "supported_releases",
     "vm_processes",
 ]
 

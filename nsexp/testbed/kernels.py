@@ -23,6 +23,8 @@ from nsexp.testbed.interface import BUILD_DIR, KMOD_DIR, MODULE_NAME, REPO_ROOT,
 
 #: The name that selects the debug kernel (``--kernel debug``, ``NSEXP_KERNEL=debug``).
 DEBUG_KERNEL_NAME = "debug"
+#: The kernel series the module is built and tested on (kmod/README.md), as release prefixes.
+SUPPORTED_SERIES = ("6.1.", "6.12.")
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,18 @@ def available_kernels() -> list[str]:
         if kernel_headers_dir(rel) is not None:
             releases.append(rel)
     return sorted(releases, key=_version_key)
+
+
+def supported_releases() -> list[str]:
+    """The newest installed release (image and headers) of each of :data:`SUPPORTED_SERIES`."""
+    kernels = available_kernels()
+    out = []
+    for series in SUPPORTED_SERIES:
+        found = [k for k in kernels if k.startswith(series)]
+        if not found:
+            raise TestbedError(f"no {series}x kernel with headers installed: run `make setup`")
+        out.append(found[-1])
+    return out
 
 
 def default_kernel() -> str:
