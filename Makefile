@@ -43,10 +43,11 @@ test-debug: setup debug-kernel
 	$(PY) -m pytest -m debug $(PYTEST_ARGS)
 
 # The issue's 100,000 calls take well over an hour, so they are a run of their own; the record
-# (totals, kernel-log reports, kmemleak, commit) goes to $(FUZZ_RECORD), never into data/.
+# (totals, kernel-log reports, kmemleak, commit) goes to $(FUZZ_RECORD), never into data/; -s shows
+# the boot's progress lines (the command and the fuzzer's count) as it goes.
 fuzz-debug: setup debug-kernel
 	NSEXP_DEBUG_PARTS=fuzz NSEXP_DEBUG_IOCTL_FUZZ=$(CALLS) NSEXP_DEBUG_FUZZ_RECORD=$(FUZZ_RECORD) \
-		$(PY) -m pytest -m debug tests/test_kmod_debug.py $(PYTEST_ARGS)
+		$(PY) -m pytest -s -m debug tests/test_kmod_debug.py $(PYTEST_ARGS)
 
 run: setup
 	$(NSEXP) run --backend kmod --testbed vm --out $(OUT) --figures $(FIGS)

@@ -432,3 +432,18 @@ def test_vm_boot_timeout_kills_qemu(vm_testbed, tmp_path):
     assert vm_processes(str(out)) == []
     ps = subprocess.run(["pgrep", "-af", "qemu-system"], capture_output=True, text=True)
     assert str(out) not in ps.stdout
+
+
+def test_progress_line_names_the_command_and_its_last_output(tmp_path: Path) -> None:
+    from nsexp.testbed.vm import _guest_state
+
+    assert _guest_state(tmp_path, 2) == "booting (kernel and init)"
+    (tmp_path / "started").write_text("1")
+    assert _guest_state(tmp_path, 2) == "loading the module"
+    (tmp_path / "cmd-000.start").write_text("t")
+    assert _guest_state(tmp_path, 2) == "running command 1/2"
+    (tmp_path / "cmd-000.out").write_text("check a ...\ncheck b ...\n\n")
+    assert _guest_state(tmp_path, 2) == "running command 1/2 (check b ...)"
+    for name in ("cmd-000.end", "cmd-001.start", "cmd-001.end"):
+        (tmp_path / name).write_text("t")
+    assert _guest_state(tmp_path, 2).startswith("commands done")

@@ -510,7 +510,20 @@ def _guest_state(meta: Path, n: int) -> str:
         return "commands done, unloading the module and reading the kernel log"
     if started == 0:
         return "loading the module"
-    return f"running command {started}/{n}"
+    last = _last_line(meta / f"cmd-{started - 1:03d}.out")
+    return f"running command {started}/{n}" + (f" ({last})" if last else "")
+
+
+def _last_line(path: Path, limit: int = 4096) -> str:
+    """The last non-empty line a guest command has printed so far ("" if none)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - limit))
+            tail = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    lines = [line.strip() for line in tail.splitlines() if line.strip()]
+    return lines[-1][:120] if lines else ""
 
 
 def _tail(text: str, n: int = 30) -> str:

@@ -209,8 +209,8 @@ class Worker:
                 self.kill_namespace()
                 self.new_namespace()
             self.call(dev)
-            if i % 10000 == 0:
-                print(f"worker {self.index}: {i}/{n}", flush=True)
+            if i % 2000 == 0:
+                print(f"worker {self.index}: {i}/{n} calls", flush=True)
         seconds = time.monotonic() - t0
         for fd in self.victims:
             try:
