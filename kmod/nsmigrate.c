@@ -140,12 +140,13 @@ enum nsm_busy {
 	NSM_B_CPU_TIMER,
 	NSM_B_IO_WORKER,
 	NSM_B_EXEC,
+	NSM_B_MQUEUE,
 	NSM_B_MAX,
 };
 
 static const char * const nsm_busy_names[NSM_B_MAX] = {
 	"threads", "children", "ptrace", "vfork", "parent", "foreign_cpu_timer",
-	"io_worker", "exec",
+	"io_worker", "exec", "mqueue",
 };
 
 static atomic_long_t nsm_busy[NSM_B_MAX];
@@ -865,6 +866,33 @@ static void nsm_unprepare(struct nsm_group *g)
 	g->fs = NULL;
 }
 
+static int nsm_is_mqueue(const void *arg, struct file *file, unsigned int fd)
+{
+	return !strcmp(file_inode(file)->i_sb->s_type->name, "mqueue");
+}
+
+/*
+ * An mq_notify() registration keeps its owner's struct pid in the queue's
+ * inode, private to ipc/mqueue.c, and is dropped when the owner closes the
+ * queue: a process that holds no queue has none, one that holds a queue may
+ * have one the module cannot reach, so it is refused. Every thread is
+ * parked, so no thread's files_struct changes under us.
+ */
+static int nsm_check_mqueues(struct nsm_group *g)
+{
+	struct files_struct *files;
+	int i;
+
+	for (i = 0; i < g->n; i++) {
+		files = READ_ONCE(g->th[i].task->files);
+		if (!files || (i && files == g->th[0].task->files))
+			continue;
+		if (iterate_fd(files, 0, nsm_is_mqueue, NULL))
+			return nsm_refuse_busy(NSM_B_MQUEUE);
+	}
+	return 0;
+}
+
 /* Everything the relinking needs, allocated first (the leader's pid first). */
 static int nsm_prepare(struct nsm_group *g)
 {
@@ -874,6 +902,9 @@ static int nsm_prepare(struct nsm_group *g)
 	/* Before alloc_pid(), which would make the mover a missing init. */
 	if (!READ_ONCE(g->w->target->child_reaper))
 		return -ENXIO;
+	err = nsm_check_mqueues(g);
+	if (err)
+		return err;
 	if (g->w->mntns) {
 		err = nsm_copy_fs(g);
 		if (err)

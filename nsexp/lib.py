@@ -24,8 +24,9 @@ _HINTS = {
     errno.EBUSY: "a thread with children, a traced or tracing thread, a vfork child, an "
     "io_uring or other kernel worker thread, an exec in progress, threads created or exiting "
     "faster than the move could park them all, a parent that is neither a namespace init nor "
-    "the caller (pass leave_parent=True to allow it), or another process's CPU-clock timer on "
-    "its clocks; the busy_* lines of /proc/nsmigrate say which",
+    "the caller (pass leave_parent=True to allow it), another process's CPU-clock timer on "
+    "its clocks, or an open POSIX message queue (close it first); the busy_* lines of "
+    "/proc/nsmigrate say which",
     errno.ENXIO: "the target namespace has no init (not yet, or it died)",
     errno.ETIMEDOUT: "a thread of the process did not reach a safe point in time "
     "(stopped, or in uninterruptible sleep); every thread was left as it was",

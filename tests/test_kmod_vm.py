@@ -372,6 +372,18 @@ def test_sigio_owner_follows(guest: dict) -> None:
     assert d["after"]["sigio"] >= 1
 
 
+def test_process_holding_a_message_queue_is_refused_untouched(guest: dict) -> None:
+    d = data(guest, "mq_notify_owner")
+    assert d["armed"]["mqd"] >= 0 and d["armed"]["notify"] == 0
+    assert d["refused"] == errno.EBUSY
+    assert d["counted"] == {"refused_ebusy": 1, "busy_mqueue": 1}
+    assert d["state_after"] == d["state_before"]
+    # The registration still names the process: the message's notification arrives.
+    assert d["notified_after_refusal"] == 1
+    # Without a queue, the same process moves.
+    assert d["closed"] == {"close": 0, "unlink": 0} and d["moved_after_close"] == 0
+
+
 # README, "Blocking calls that return EINTR": exactly these.
 RESTARTED = {"nanosleep", "poll", "select"}
 EINTR_RETURNED = {"epoll_wait", "sigtimedwait", "recv_timeout"}

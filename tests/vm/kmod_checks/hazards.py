@@ -328,6 +328,56 @@ def sigio_owner() -> dict:
         b.kill()
 
 
+MQ_NOTIFY = """
+mq_hits = [0]
+signal.signal(signal.SIGUSR2, lambda *a: mq_hits.__setitem__(0, mq_hits[0] + 1))
+mq_name = f"/nsm-check-{os.getpid()}-{time.monotonic_ns()}".encode()
+mqd = libc.mq_open(mq_name, os.O_CREAT | os.O_RDWR, ctypes.c_uint(0o600), None)
+sev = (ctypes.c_int * 16)()  # struct sigevent: sigev_signo at 8, sigev_notify 0 (SIGEV_SIGNAL)
+sev[2] = signal.SIGUSR2
+result = {"mqd": mqd, "notify": libc.mq_notify(mqd, sev), "pid": os.getpid()}
+"""
+MQ_SEND = """
+libc.mq_send(mqd, b"x", 1, 0)
+time.sleep(0.3)
+result = {"notified": mq_hits[0]}
+"""
+MQ_CLOSE = """
+result = {"close": libc.mq_close(mqd), "unlink": libc.mq_unlink(mq_name)}
+"""
+
+
+@check
+def mq_notify_owner() -> dict:
+    """F1: an mq_notify() registration names the mover's pid where the module cannot reach it:
+    a process holding a message queue is refused untouched, and its registration still works."""
+    a, b = Namespace("MQA", 1), Namespace("MQB", 3)
+    try:
+        s = Subject(a)
+        armed = s.call("run", code=MQ_NOTIFY)["result"]
+        before = s.outside()
+        st0 = stats()
+        refused = migrate_errno(s.gpid, b.path)
+        counted = stats_delta(st0)
+        after = s.outside()
+        sent = s.call("run", code=MQ_SEND)["result"]
+        closed = s.call("run", code=MQ_CLOSE)["result"]
+        moved = migrate_errno(s.gpid, b.path)
+        return {
+            "armed": armed,
+            "refused": refused,
+            "counted": counted,
+            "state_before": before,
+            "state_after": after,
+            "notified_after_refusal": sent["notified"],
+            "closed": closed,
+            "moved_after_close": moved,
+        }
+    finally:
+        a.kill()
+        b.kill()
+
+
 # Each blocks about 2 s in one libc call (no Python retry loop); the move comes after 0.5 s.
 BLOCKING_CALLS = {
     "nanosleep": "ts = Itimerspec().value; ts.tv_sec = 2; "
