@@ -21,7 +21,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.a
 sys.path.insert(0, REPO)
 
 from nsexp import lib, uapi  # noqa: E402, F401 (uapi: re-exported to the checks)
-from nsexp.nsutil import CLONE_NEWPID, private_proc, setns, unshare  # noqa: E402
+from nsexp.nsutil import CLONE_NEWPID, private_proc, proc_info, setns, unshare  # noqa: E402
 
 libc = ctypes.CDLL(None, use_errno=True)
 WORK = "/tmp/nsm-checks"
@@ -40,8 +40,7 @@ def status(gpid: int) -> dict[str, str]:
 
 
 def starttime(gpid: int) -> int:
-    with open(f"/proc/{gpid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[19])
+    return proc_info(gpid).start_time
 
 
 def tty_nr(gpid: int) -> int:
@@ -51,7 +50,7 @@ def tty_nr(gpid: int) -> int:
 
 
 def nspid(gpid: int) -> list[int]:
-    return nspid_of(f"/proc/{gpid}/status")
+    return list(proc_info(gpid).nspids)
 
 
 def nspid_of(status_path: str) -> list[int]:
