@@ -242,6 +242,9 @@ def test_booted_the_debug_kernel_with_its_checkers(debug_boot: dict) -> None:
     assert "KernelAddressSanitizer initialized" in dmesg
     assert "Lock dependency validator" in dmesg
     assert "kmemleak: Kernel memory leak detector initialized" in dmesg
+    # ... and stayed on: a report turns lockdep off for the rest of the boot
+    assert "Disabling lock debugging" not in dmesg
+    assert "no5lvl" in dmesg and "kasan_multi_shot" in dmesg  # debug_kernel.BOOT_ARGS
     assert debug_boot["kmemleak"] is not None, "the kmemleak scan did not run"
 
 

@@ -159,6 +159,17 @@ def test_debug_kernel_not_built_names_the_fix(monkeypatch, tmp_path):
         VMTestbed("debug")
 
 
+def test_debug_kernel_boots_with_its_own_arguments_first(monkeypatch, tmp_path):
+    fake = debug_kernel.DebugKernel(tmp_path, "6.12.0-nsmdbg", 1.0)
+    monkeypatch.setattr(debug_kernel, "built", lambda: fake)
+    cmd = VMTestbed("debug", kernel_args=["slab_nomerge"]).vng_command("vng")
+    appended = [cmd[i + 1] for i, arg in enumerate(cmd) if arg == "--append"]
+    assert appended == [*debug_kernel.BOOT_ARGS, "slab_nomerge"]
+    assert "no5lvl" in appended and "kasan_multi_shot" in appended
+    # a Debian kernel gets only the caller's
+    assert "--append" not in VMTestbed().vng_command("vng")
+
+
 def test_debug_kernel_cache_key_follows_the_fragment(monkeypatch, tmp_path):
     before = debug_kernel.config_hash()
     frag = tmp_path / "frag.config"

@@ -44,6 +44,13 @@ RECIPE_VERSION = "1"
 #: the stamp written when a build has finished; its absence means "not built"
 COMPLETE = "complete.json"
 PROGRESS_EVERY_S = 30.0
+#: on every boot of the debug kernel. ``no5lvl``: 6.12's identify_cpu() clears the boot CPU's
+#: feature bits for a moment, LA57 among them, and with 5-level paging (QEMU's TCG CPU has it)
+#: KASAN then takes a direct-map address for a wild one in an interrupt that lands in that
+#: window. Seen once at boot: "BUG: KASAN: wild-memory-access in do_raw_spin_lock", which
+#: turned lockdep off and, KASAN reporting only its first bug, silenced KASAN for the rest of
+#: the boot. ``kasan_multi_shot``: every KASAN report is printed, not only the first.
+BOOT_ARGS = ("no5lvl", "kasan_multi_shot")
 
 _OBJECT_LINE = re.compile(r"^\s+(CC|AS|LD|AR|OBJCOPY)(\s\[M\])?\s+(\S+)")
 

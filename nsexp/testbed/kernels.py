@@ -39,6 +39,8 @@ class GuestKernel:
     #: /lib/modules/<release> for a Debian kernel (its virtio/9p modules); None when the
     #: kernel has everything the guest needs built in (the debug kernel)
     modules_dir: Path | None
+    #: on the command line of every boot of this kernel (before a run's own arguments)
+    boot_args: tuple[str, ...] = ()
 
     @property
     def is_debug(self) -> bool:
@@ -106,7 +108,9 @@ def resolve_kernel(name: str) -> GuestKernel:
                 f"{debug_kernel.cache_dir()}): run `make debug-kernel` "
                 "(about 12 min on an idle 2-core machine)"
             )
-        return GuestKernel(name, built.release, built.image, built.build_dir, None)
+        return GuestKernel(
+            name, built.release, built.image, built.build_dir, None, debug_kernel.BOOT_ARGS
+        )
     image = Path(f"/boot/vmlinuz-{name}")
     if not image.exists():
         have = ", ".join(available_kernels()) or "none"

@@ -122,8 +122,9 @@ class VMTestbed(Testbed):
         self.image = self.guest.image
         self.memory = memory
         self.cpus = cpus
-        #: extra kernel command line arguments for every boot (vng --append)
-        self.kernel_args = list(kernel_args)
+        #: extra kernel command line arguments for every boot (vng --append): the kernel's own
+        #: (the debug kernel has some), then the caller's
+        self.kernel_args = [*self.guest.boot_args, *kernel_args]
 
     def __repr__(self) -> str:
         extra = f", kernel_args={self.kernel_args!r}" if self.kernel_args else ""
