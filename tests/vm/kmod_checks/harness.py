@@ -607,3 +607,10 @@ def stats_delta(before: dict[str, int]) -> dict[str, int]:
     """Counters of /proc/nsmigrate that changed since ``before``."""
     now = stats()
     return {k: now[k] - before.get(k, 0) for k in now if now[k] != before.get(k, 0)}
+
+
+def migrate_counted(pid: int, target, **kw) -> tuple[int, dict[str, int]]:
+    """:func:`migrate_errno`, with the /proc/nsmigrate counters the attempt moved."""
+    before = stats()
+    code = migrate_errno(pid, target, **kw)
+    return code, stats_delta(before)

@@ -28,6 +28,7 @@ from harness import (
     fork_into,
     lib,
     libc,
+    migrate_counted,
     migrate_errno,
     process_cpu_clock,
     sleeper,
@@ -127,10 +128,8 @@ def foreign_cpu_timer() -> dict:
             os.write(w, str(timer_delete(t)).encode())
             os._exit(0)
         armed = int(os.read(r, 10))
-        st0 = stats()
         try:
-            refused = migrate_errno(s.gpid, b.path)
-            counted = stats_delta(st0)
+            refused, counted = migrate_counted(s.gpid, b.path)
             state = s.outside()
         finally:
             os.write(w2, b"x")
@@ -212,9 +211,7 @@ def old_parent() -> dict:
         rf = os.fdopen(r)
         child = int(rf.readline())
         time.sleep(0.5)  # the parent is blocked in waitpid() and poll()
-        st0 = stats()
-        refused = migrate_errno(child, b.path)
-        counted = stats_delta(st0)
+        refused, counted = migrate_counted(child, b.path)
         still_child_of = status(child)["PPid"]
         allowed = migrate_errno(child, b.path, leave_parent=True)
         seen = json.loads(rf.readline())
@@ -356,9 +353,7 @@ def mq_notify_owner() -> dict:
         s = Subject(a)
         armed = s.call("run", code=MQ_NOTIFY)["result"]
         before = s.outside()
-        st0 = stats()
-        refused = migrate_errno(s.gpid, b.path)
-        counted = stats_delta(st0)
+        refused, counted = migrate_counted(s.gpid, b.path)
         after = s.outside()
         sent = s.call("run", code=MQ_SEND)["result"]
         closed = s.call("run", code=MQ_CLOSE)["result"]

@@ -18,6 +18,7 @@ from harness import (
     check,
     lib,
     libc,
+    migrate_counted,
     migrate_errno,
     seize,
     stats,
@@ -144,9 +145,8 @@ def threads_clone_race() -> dict:
 def _refused(gpid: int, target: str, **kw) -> dict:
     """A refused move, with the counters it moved and every thread's view before and after."""
     views = thread_views(gpid)
-    st0 = stats()
-    code = migrate_errno(gpid, target, **kw)
-    return {"errno": code, "counted": stats_delta(st0), "same": thread_views(gpid) == views}
+    code, counted = migrate_counted(gpid, target, **kw)
+    return {"errno": code, "counted": counted, "same": thread_views(gpid) == views}
 
 
 IO_URING_SQPOLL = """
