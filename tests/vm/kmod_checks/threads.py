@@ -172,6 +172,22 @@ def _children_of_threads(pid: int) -> list[int]:
     return kids
 
 
+def _thread_names_once(pid: int, prefix: str, wait_s: float = 10.0) -> list[str]:
+    """The comm of every thread of ``pid``, once one starts with ``prefix`` (or wait_s passed).
+
+    io_uring's SQPOLL thread names itself (io_sq_thread: set_task_comm) only when it first
+    runs, which on a loaded host can be well after io_uring_setup has returned."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        names = sorted(
+            open(f"/proc/{pid}/task/{t}/comm").read().strip()
+            for t in os.listdir(f"/proc/{pid}/task")
+        )
+        if any(n.startswith(prefix) for n in names) or time.monotonic() > deadline:
+            return names
+        time.sleep(0.05)
+
+
 def _all_threads_in_state(pid: int, state: str, wait_s: float = 10.0) -> bool:
     """Whether every thread of ``pid`` reaches ``state`` (a /proc stat letter) within wait_s."""
     deadline = time.monotonic() + wait_s
@@ -214,10 +230,7 @@ def threads_refused() -> dict:
 
         s = Subject(a)
         out["io_uring"] = s.call("run", code=IO_URING_SQPOLL)["result"]
-        out["io_uring_threads"] = sorted(
-            open(f"/proc/{s.gpid}/task/{t}/comm").read().strip()
-            for t in os.listdir(f"/proc/{s.gpid}/task")
-        )
+        out["io_uring_threads"] = _thread_names_once(s.gpid, "iou-sqp")
         out["io_uring_refused"] = _refused(s.gpid, b.path)
         s.kill()
 
