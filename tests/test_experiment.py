@@ -171,7 +171,8 @@ def test_interrupt_tears_everything_down(tmp_path, sig):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "nsexp.experiment.guest", "--backend", "restart"]
     cmd += ["--out", str(out), "--increments", str(10**10)]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # PYTHONFAULTHANDLER: if the guest hangs, SIGABRT makes it print every thread's stack.
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONFAULTHANDLER": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         # Wait until the tree exists (the worker is computing), then interrupt.
@@ -182,7 +183,15 @@ def test_interrupt_tears_everything_down(tmp_path, sig):
         assert len(tree) == 4
         time.sleep(0.3)
         proc.send_signal(sig)
-        proc.wait(20)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)
+            _, err = proc.communicate(timeout=10)
+            pytest.fail(
+                f"the guest did not exit within 20 s of {sig.name}; its stacks:\n"
+                + err.decode(errors="replace")[-6000:]
+            )
     finally:
         if proc.poll() is None:
             proc.kill()
