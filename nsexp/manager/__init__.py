@@ -19,6 +19,7 @@ benchmark only. Standard library only: it runs inside the VM guest.
 """
 
 from nsexp.manager.cli import cmd_manager, main, register_cli
-from nsexp.manager.service import FailureHook, Manager, RecordHook
+from nsexp.manager.requests import FailureHook, RecordHook
+from nsexp.manager.service import Manager
 
 __all__ = ["FailureHook", "Manager", "RecordHook", "cmd_manager", "main", "register_cli"]

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 
 from nsexp import protocol
 from nsexp.backends import Peer
-from nsexp.manager.service import SEND_TIMEOUT, Unidentified, log
+from nsexp.manager.identity import Unidentified
+from nsexp.manager.requests import SEND_TIMEOUT, log, try_send
 from nsexp.protocol import ProtocolError
 
 if TYPE_CHECKING:
@@ -41,7 +42,7 @@ def serve_legacy(manager: Manager) -> None:
             continue
         if not slots.acquire(blocking=False):
             log.warning("too many clients: refusing a connection")
-            manager._try_send(conn, protocol.error_reply("busy", "too many clients, retry"))
+            try_send(conn, protocol.error_reply("busy", "too many clients, retry"))
             conn.close()
             continue
         manager.accepted += 1
@@ -67,12 +68,12 @@ def _serve_connection(
         try:
             req = protocol.recv_msg(conn)
         except TimeoutError:
-            manager._try_send(conn, protocol.error_reply("timeout", "no request received in time"))
+            try_send(conn, protocol.error_reply("timeout", "no request received in time"))
             return
         except ProtocolError as exc:
             log.warning("pid %d: bad frame (%s): %s", pid, exc.code, exc.message)
             if not isinstance(exc, protocol.ConnectionClosed):
-                manager._try_send(conn, protocol.error_reply(exc.code, exc.message))
+                try_send(conn, protocol.error_reply(exc.code, exc.message))
             return
         with manager._lock:
             manager.served += 1
@@ -81,7 +82,9 @@ def _serve_connection(
         except Unidentified as exc:
             log.warning("cannot identify the peer: %s", exc)
             return
-        manager._handle(conn, Peer(pid, uid, gid, source, pid_in_ns), req, time.monotonic_ns())
+        manager.requests.handle(
+            conn, Peer(pid, uid, gid, source, pid_in_ns), req, time.monotonic_ns()
+        )
     except Exception:  # noqa: BLE001 - a bug in one request must not stop the service
         log.exception("internal error while serving a client")
     finally:

@@ -1,7 +1,9 @@
 """The migration manager's service: one event loop over long-lived client connections.
 
 Runs in the global PID namespace (on the host, or inside the VM guest); standard library only.
-Overview, protocol and error codes: the package docstring (nsexp.manager) and docs/manager.md.
+This module holds the loop and its connections; what a request does once its sender is known
+is nsexp.manager.requests. Overview, protocol and error codes: the package docstring
+(nsexp.manager) and docs/manager.md.
 """
 
 from __future__ import annotations
@@ -17,24 +19,28 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterable
-from functools import partial
 from typing import Any
 
 from nsexp import protocol
-from nsexp.backends import Backend, MigrationError, Namespace, Peer
+from nsexp.backends import Backend, Namespace, Peer
 from nsexp.manager import identity
 from nsexp.manager.identity import KnownSender, Unidentified
 from nsexp.manager.pool import Pool
+from nsexp.manager.requests import (
+    SEND_TIMEOUT,
+    FailureHook,
+    RecordHook,
+    Requests,
+    record_reply,
+    try_send,
+)
 from nsexp.protocol import Credentials, ProtocolError
 
 log = logging.getLogger("nsexp.manager")
 
-RecordHook = Callable[[Peer, dict[str, Any]], None]
-FailureHook = Callable[[Peer, dict[str, Any], MigrationError], None]
 _umask_lock = threading.Lock()
 _staging_ids = itertools.count()
 _RECV_SIZE = protocol.MAX_FRAME + protocol.HEADER.size
-SEND_TIMEOUT = 5.0
 # Backends whose migrate() returns at once, so it runs on the loop (a hand-off to a pool thread
 # costs as much as a whole round trip): kmod's ioctl only waits for the requester to reach its
 # safe point, and the requester is blocked reading this very reply; restart and CRIU only check
@@ -95,7 +101,6 @@ class Manager:
         self.socket_path = socket_path
         self.backend = backend
         self.registry = registry
-        self.policy = None if policy is None else {tuple(p) for p in policy}
         self.group = group
         self.mode = mode if mode is not None else (0o660 if group is not None else 0o600)
         self.read_timeout = read_timeout
@@ -104,7 +109,7 @@ class Manager:
         quick = backend.name in _QUICK_BACKENDS
         self.inline_migrate = quick if inline_migrate is None else inline_migrate
         self.on_record = on_record
-        self.on_failure = on_failure
+        self.requests = Requests(backend, registry, policy, on_record, on_failure)
         self._pool = Pool(workers)
         self._sock: socket.socket | None = None
         self._stop = threading.Event()
@@ -287,7 +292,7 @@ class Manager:
                 return
             if len(self._conns) >= self.max_clients:
                 log.warning("too many clients: refusing a connection")
-                self._try_send(sock, protocol.error_reply("busy", "too many clients, retry"))
+                try_send(sock, protocol.error_reply("busy", "too many clients, retry"))
                 sock.close()
                 continue
             self.accepted += 1
@@ -413,7 +418,7 @@ class Manager:
             self._queue(conn, self._ping_on_loop(conn, creds))
             return True
         if op == "record" and self.on_record is None:
-            self._queue(conn, self._record_reply(req))
+            self._queue(conn, record_reply(req))
             return True
         if op == "migrate" and self.inline_migrate:
             return self._migrate_on_loop(conn, creds, req, received)
@@ -480,13 +485,13 @@ class Manager:
         keep = False  # whether the connection goes back to the loop
         try:
             peer, _ = self._identify(conn, creds)
-            keep = self._handle(conn.sock, peer, req, received)
+            keep = self.requests.handle(conn.sock, peer, req, received)
         except Unidentified as exc:
             log.warning("cannot identify the sender: %s", exc)
-            keep = self._try_send(conn.sock, protocol.error_reply("unknown_peer", str(exc)))
+            keep = try_send(conn.sock, protocol.error_reply("unknown_peer", str(exc)))
         except Exception:  # noqa: BLE001 - a bug in one request must not stop the service
             log.exception("internal error while serving a client")
-            self._try_send(conn.sock, protocol.error_reply("internal", "internal manager error"))
+            try_send(conn.sock, protocol.error_reply("internal", "internal manager error"))
         finally:
             self._done.append((conn, keep))
             self._wake(b"d")
@@ -521,7 +526,7 @@ class Manager:
 
         # No look-up of the mover's new pid here, ahead of its next message: the client was
         # just woken on this CPU (a sync wake-up) and would wait for it (seen in the VM).
-        if not self._migrate(send, conn.sock, peer, req, received, defer):
+        if not self.requests.migrate(send, conn.sock, peer, req, received, defer):
             conn.closing = True
         return True
 
@@ -539,15 +544,9 @@ class Manager:
             self._done.append((conn, False))
             self._wake(b"d")
 
-    @staticmethod
-    def _record_reply(req: dict[str, Any]) -> dict[str, Any]:
-        if not isinstance(req.get("record"), dict):
-            return protocol.error_reply("bad_request", "'record' must be an object")
-        return {"ok": True}
-
     def _ping_on_loop(self, conn: _Conn, creds: Credentials | None) -> dict[str, Any]:
         try:
-            return self._ping(self._identify(conn, creds)[0])
+            return self.requests.ping(self._identify(conn, creds)[0])
         except Unidentified as exc:
             return protocol.error_reply("unknown_peer", str(exc))
 
@@ -578,127 +577,3 @@ class Manager:
     def _locate(self, pid: int) -> tuple[int, Namespace | None, int, str]:
         """The legacy path's look-up (nsexp.manager.identity.locate)."""
         return identity.locate(pid, self.registry)
-
-    # -- one request (a pool thread, or a legacy connection thread) ---------------------------
-
-    @staticmethod
-    def _try_send(conn: socket.socket, msg: dict[str, Any]) -> bool:
-        try:
-            conn.settimeout(SEND_TIMEOUT)
-            conn.sendall(protocol.encode(msg), socket.MSG_NOSIGNAL)
-            return True
-        except OSError as exc:
-            log.warning("could not send reply: %s", exc)
-            return False
-
-    def _handle(self, conn: socket.socket, peer: Peer, req: dict[str, Any], received: int) -> bool:
-        """Serve one request on a blocking socket; True if the connection stays usable."""
-        op = req.get("op")
-        if op == "ping":
-            return self._try_send(conn, self._ping(peer))
-        if op == "migrate":
-            return self._migrate(partial(self._try_send, conn), conn, peer, req, received)
-        if op == "record":
-            return self._record(conn, peer, req)
-        log.warning("pid %d: unknown op %r", peer.pid, op)
-        return self._try_send(conn, protocol.error_reply("unknown_op", f"unknown op {op!r}"))
-
-    def _ping(self, peer: Peer) -> dict[str, Any]:
-        return {
-            "v": protocol.VERSION,
-            "ok": True,
-            "global_pid": peer.pid,
-            "pid": peer.pid_in_ns,
-            "ns": peer.source.name if peer.source else None,
-            "backend": self.backend.name,
-        }
-
-    def _record(self, conn: socket.socket, peer: Peer, req: dict[str, Any]) -> bool:
-        reply = self._record_reply(req)
-        if reply["ok"] and self.on_record is not None:
-            self.on_record(peer, req["record"])
-        return self._try_send(conn, reply)
-
-    def _check_route(self, peer: Peer, target_name: Any) -> Namespace | dict[str, Any]:
-        if not isinstance(target_name, str) or target_name not in self.registry:
-            return protocol.error_reply("unknown_namespace", f"no namespace named {target_name!r}")
-        target = self.registry[target_name]
-        if peer.source is None:
-            return protocol.error_reply(
-                "unknown_source", f"pid {peer.pid} is not in a registered namespace"
-            )
-        if peer.source is target:
-            return protocol.error_reply("same_namespace", f"already in {target_name}")
-        if self.policy is not None and (peer.source.name, target_name) not in self.policy:
-            return protocol.error_reply(
-                "forbidden_route", f"route {peer.source.name} -> {target_name} is not allowed"
-            )
-        return target
-
-    def _migrate(
-        self,
-        send: Callable[[dict[str, Any]], bool],
-        conn: socket.socket,
-        peer: Peer,
-        req: dict[str, Any],
-        received: int,
-        defer: Callable[[Callable[[], None]], None] | None = None,
-    ) -> bool:
-        """Check, migrate, answer through ``send``; True if the connection stays usable.
-
-        ``defer``: where a handed-over process's after_reply work goes (else it runs here).
-        """
-        checked = self._check_route(peer, req.get("target"))
-        if isinstance(checked, dict):
-            log.warning("pid %d: refused: %s", peer.pid, checked["error"]["message"])
-            return send(checked)
-        target = checked
-        log.info(
-            "pid %d (%s pid %d) -> %s",
-            peer.pid,
-            peer.source.name if peer.source else "?",
-            peer.pid_in_ns,
-            target.name,
-        )
-        try:
-            result = self.backend.migrate(peer, target, req)
-        except MigrationError as exc:
-            log.warning("pid %d -> %s failed: %s", peer.pid, target.name, exc)
-            reply = protocol.error_reply(exc.code, exc.message, errno=exc.errno)
-            reply["error"]["timings"] = {"manager_received": received, **exc.timings}
-            delivered = not exc.client_gone and send(reply)
-            if not delivered:
-                self._failed(peer, req, exc)
-            return delivered
-        timings = {"manager_received": received, **result.pop("timings", {})}
-        reply = {"ok": True, **result, "timings": timings}
-        # The process is handed over (restart exits, CRIU dumps it): the client closes.
-        handover = "action" in result
-        if handover:
-            reply["close"] = True
-        timings["reply_sent"] = time.monotonic_ns()
-        if not send(reply):
-            self._failed(
-                peer, req, MigrationError("client_gone", "requester vanished before the reply")
-            )
-            return False
-
-        def after_reply() -> None:
-            try:
-                self.backend.after_reply(conn, peer, target, req, reply)
-            except MigrationError as exc:
-                log.warning("pid %d -> %s failed after the reply: %s", peer.pid, target.name, exc)
-                self._failed(peer, req, exc)
-
-        if handover and defer is not None:
-            defer(after_reply)
-            return True  # the pool thread ends the connection when it is done
-        after_reply()
-        return not handover
-
-    def _failed(self, peer: Peer, req: dict[str, Any], exc: MigrationError) -> None:
-        if self.on_failure is not None:
-            try:
-                self.on_failure(peer, req, exc)
-            except Exception:  # noqa: BLE001
-                log.exception("on_failure hook failed")
