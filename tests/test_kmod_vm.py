@@ -556,6 +556,20 @@ def test_threads_not_reaching_a_safe_point_time_out_untouched(guest: dict) -> No
     assert d["stopped_moved_after"] == 0
 
 
+def test_thread_in_uninterruptible_sleep_times_out_untouched(guest: dict) -> None:
+    """One thread in D (a FUSE lookup nobody answers): the move gives up (ETIMEDOUT), every
+    thread as it was and the sleeper still asleep; once the wait ends, the process moves."""
+    d = data(guest, "thread_in_d_state")
+    assert len(d["in_d"]) == 1, d
+    r = d["refused"]
+    assert r["errno"] == errno.ETIMEDOUT, r
+    assert r["counted"] == {"refused_etimedout": 1}, r
+    assert r["same"]
+    assert d["in_d_after"] == d["in_d"]
+    assert d["lookup"] == [errno.ENOTCONN]  # the aborted connection ended the wait
+    assert d["moved_after"] == 0
+
+
 def test_thread_directed_objects_follow_their_thread(guest: dict) -> None:
     d = data(guest, "thread_owned_objects")
     before, after = d["before"]["result"], d["after"]["result"]

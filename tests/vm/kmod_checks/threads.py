@@ -9,9 +9,11 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import subprocess
 import time
 
 from harness import (
+    WORK,
     LineProgram,
     Namespace,
     Subject,
@@ -244,6 +246,85 @@ def threads_refused() -> dict:
         out["stopped_moved_after"] = migrate_errno(q.gpid, b.path)
         return out
     finally:
+        a.kill()
+        b.kill()
+
+
+# In the subject: one thread looks up a name on the unanswered FUSE mount and blocks.
+LOOKUP_IN_A_THREAD = """
+import threading
+LOOKUP = []
+def _lookup():
+    try:
+        os.stat({path!r})
+        LOOKUP.append(0)
+    except OSError as exc:
+        LOOKUP.append(exc.errno)
+threading.Thread(target=_lookup, daemon=True).start()
+"""
+
+
+def _mount_unanswered_fuse(mnt: str) -> int:
+    """Mount a FUSE filesystem whose daemon never answers; returns its /dev/fuse fd, whose
+    close aborts the connection. Until FUSE_INIT is answered every request waits in
+    fuse_get_req(), a killable wait: state D, and task work's signal does not end it."""
+    subprocess.run(["modprobe", "fuse"], capture_output=True, check=False)  # a module on 6.1
+    fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    os.makedirs(mnt, exist_ok=True)
+    opts = f"fd={fd},rootmode=40000,user_id=0,group_id=0".encode()
+    if libc.mount(b"nsm-fuse", mnt.encode(), b"fuse", 0, opts) != 0:
+        err = ctypes.get_errno()
+        os.close(fd)
+        raise OSError(err, os.strerror(err), mnt)
+    return fd
+
+
+def _threads_in_state(pid: int, state: str) -> list[int]:
+    """Global TIDs of the threads of ``pid`` in ``state`` (a /proc stat letter)."""
+    found = []
+    for t in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{t}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == state:
+                    found.append(int(t))
+        except FileNotFoundError:
+            pass
+    return found
+
+
+def _wait_for(probe, wait_s: float = 10.0):
+    """``probe()`` once it is truthy, or its last value after wait_s."""
+    deadline = time.monotonic() + wait_s
+    while not (value := probe()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return value
+
+
+@check
+def thread_in_d_state() -> dict:
+    """A thread in uninterruptible sleep (a FUSE lookup that nobody answers) never reaches a
+    safe point: the move times out (ETIMEDOUT) and leaves every thread as it was; once the
+    wait ends (the connection is aborted) the same process moves."""
+    a, b = Namespace("TDA", 1), Namespace("TDB", 1)
+    s = Subject(a)  # forked before /dev/fuse is opened: it must not hold the daemon's fd
+    mnt = f"{WORK}/fuse-unanswered"
+    fuse_fd = -1
+    try:
+        fuse_fd = _mount_unanswered_fuse(mnt)
+        s.call("run", code=LOOKUP_IN_A_THREAD.format(path=f"{mnt}/name"))
+        out = {"in_d": _wait_for(lambda: _threads_in_state(s.gpid, "D"))}
+        out["refused"] = _refused(s.gpid, b.path, timeout=1.0)
+        out["in_d_after"] = _threads_in_state(s.gpid, "D")
+        os.close(fuse_fd)
+        fuse_fd = -1
+        out["lookup"] = _wait_for(lambda: s.call("run", code="result = LOOKUP")["result"])
+        out["moved_after"] = migrate_errno(s.gpid, b.path)
+        return out
+    finally:
+        if fuse_fd >= 0:
+            os.close(fuse_fd)
+        libc.umount2(mnt.encode(), 2)  # MNT_DETACH
+        s.kill()
         a.kill()
         b.kill()
 
