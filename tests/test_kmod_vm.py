@@ -556,6 +556,27 @@ def test_threads_not_reaching_a_safe_point_time_out_untouched(guest: dict) -> No
     assert d["stopped_moved_after"] == 0
 
 
+def test_every_thread_joins_the_mount_namespace_too(guest: dict) -> None:
+    """NSMIGRATE_F_MNTNS on a 5-thread process: each thread is in B's PID and mount namespaces,
+    and each one's /proc/thread-self (B's own /proc) names its TID in B."""
+    d = data(guest, "threads_join_mount_ns")
+    before, after = d["before"], d["after"]
+    assert len(before["seen"]) == 4 and all(
+        str(v).startswith(f"{before['pid']}/task/") for v in before["seen"].values()
+    ), before
+    assert after["pid"] == d["new_pid"] != before["pid"]
+    assert len(after["tasks"]) == 5, after
+    # Every reader thread, running again, reads its own new TID through B's /proc.
+    seen = after["seen"]
+    assert sorted(seen) == ["0", "1", "2", "3"], after
+    assert all(isinstance(v, str) and v.startswith(f"{after['pid']}/task/") for v in seen.values())
+    seen_tids = {v.rsplit("/", 1)[1] for v in seen.values()}
+    assert len(seen_tids) == 4 and seen_tids < set(after["tasks"]), after
+    assert d["threads_mnt"] == [d["mnt_b"]] * 5
+    assert all(v["ns"] == d["b_ns"] == v["ns_for_children"] for v in d["views"].values())
+    assert after["cwd"] == "/"  # a mount-namespace join sets root and cwd to its root, as setns
+
+
 def test_thread_in_uninterruptible_sleep_times_out_untouched(guest: dict) -> None:
     """One thread in D (a FUSE lookup nobody answers): the move gives up (ETIMEDOUT), every
     thread as it was and the sleeper still asleep; once the wait ends, the process moves."""
@@ -568,6 +589,20 @@ def test_thread_in_uninterruptible_sleep_times_out_untouched(guest: dict) -> Non
     assert d["in_d_after"] == d["in_d"]
     assert d["lookup"] == [errno.ENOTCONN]  # the aborted connection ended the wait
     assert d["moved_after"] == 0
+
+
+def test_exec_in_progress_refuses_the_move_untouched(guest: dict) -> None:
+    """The leader in execve(), waiting for a thread asleep in a held FUSE request: EBUSY
+    busy_exec, every thread as it was; once the request is answered the exec completes and
+    the new program moves."""
+    d = data(guest, "thread_execs_during_a_move")
+    assert d["lookup_read"] and d["interrupt_read"] and d["in_d"], d
+    r = d["refused"]
+    assert r["errno"] == errno.EBUSY, r
+    assert r["counted"] == {"refused_ebusy": 1, "busy_exec": 1}, r
+    assert r["same"]
+    assert d["comm_after"] == "sleep" and d["threads_after"] == 1
+    assert d["moved_after"]["comm"] == "sleep" and d["moved_after"]["pid"] > 1
 
 
 def test_thread_directed_objects_follow_their_thread(guest: dict) -> None:

@@ -7,9 +7,9 @@ this runner in namespace A (so the runner, its parent, is the caller of every mo
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import signal
-import subprocess
 import time
 
 from harness import (
@@ -27,6 +27,7 @@ from harness import (
     stats_delta,
     thread_views,
 )
+from holding_fuse import FUSE_INTERRUPT, FUSE_LOOKUP, HoldingFuse
 
 SYS_TGKILL = 234
 
@@ -250,6 +251,65 @@ def threads_refused() -> dict:
         b.kill()
 
 
+# In the subject (after it joined A's mount namespace): four threads read /proc/thread-self.
+THREADS_READING_PROC = """
+import threading
+SEEN = {}
+def _reader(k):
+    while True:
+        try:
+            SEEN[k] = os.readlink("/proc/thread-self")
+        except OSError as e:
+            SEEN[k] = -e.errno
+        time.sleep(0.02)
+for k in range(4):
+    threading.Thread(target=_reader, args=(k,), daemon=True).start()
+time.sleep(0.2)
+result = {"pid": os.getpid(), "seen": dict(SEEN)}
+"""
+THREADS_SEEN = """
+SEEN.clear()
+time.sleep(0.3)
+result = {"pid": os.getpid(), "seen": dict(SEEN), "cwd": os.getcwd(),
+          "tasks": sorted(os.listdir(f"/proc/{os.getpid()}/task"))}
+"""
+
+
+@check
+def threads_join_mount_ns() -> dict:
+    """NSMIGRATE_F_MNTNS with several threads: every thread joins B's mount namespace with the
+    PID namespace, so each one's /proc/thread-self names its new TID in B's own /proc."""
+    a, b = Namespace("TMA", 1, own_proc=True), Namespace("TMB", 2, own_proc=True)
+    try:
+        s = Subject(a)
+        mnt_a, mnt_b = f"/proc/{a.init}/ns/mnt", f"/proc/{b.init}/ns/mnt"
+        joined = s.call(
+            "run",
+            code="from nsexp.nsutil import CLONE_NEWNS, setns; "
+            f"setns(os.open({mnt_a!r}, os.O_RDONLY), CLONE_NEWNS); os.chdir('/tmp')",
+        )
+        if "error" in joined:
+            raise RuntimeError(f"the subject could not join A's mount namespace: {joined}")
+        before = s.call("run", code=THREADS_READING_PROC)["result"]
+        m = lib.migrate(s.gpid, b.path, mntns=mnt_b)
+        after = s.call("run", code=THREADS_SEEN)["result"]
+        tasks = os.listdir(f"/proc/{m.global_pid}/task")
+        return {
+            "before": before,
+            "after": after,
+            "new_pid": m.pid,
+            "mnt_b": os.readlink(mnt_b),
+            "threads_mnt": sorted(
+                os.readlink(f"/proc/{m.global_pid}/task/{t}/ns/mnt") for t in tasks
+            ),
+            "views": thread_views(m.global_pid),
+            "b_ns": os.readlink(f"/proc/{b.init}/ns/pid"),
+        }
+    finally:
+        a.kill()
+        b.kill()
+
+
 # In the subject: one thread looks up a name on the unanswered FUSE mount and blocks.
 LOOKUP_IN_A_THREAD = """
 import threading
@@ -262,21 +322,6 @@ def _lookup():
         LOOKUP.append(exc.errno)
 threading.Thread(target=_lookup, daemon=True).start()
 """
-
-
-def _mount_unanswered_fuse(mnt: str) -> int:
-    """Mount a FUSE filesystem whose daemon never answers; returns its /dev/fuse fd, whose
-    close aborts the connection. Until FUSE_INIT is answered every request waits in
-    fuse_get_req(), a killable wait: state D, and task work's signal does not end it."""
-    subprocess.run(["modprobe", "fuse"], capture_output=True, check=False)  # a module on 6.1
-    fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
-    os.makedirs(mnt, exist_ok=True)
-    opts = f"fd={fd},rootmode=40000,user_id=0,group_id=0".encode()
-    if libc.mount(b"nsm-fuse", mnt.encode(), b"fuse", 0, opts) != 0:
-        err = ctypes.get_errno()
-        os.close(fd)
-        raise OSError(err, os.strerror(err), mnt)
-    return fd
 
 
 def _threads_in_state(pid: int, state: str) -> list[int]:
@@ -307,26 +352,62 @@ def thread_in_d_state() -> dict:
     wait ends (the connection is aborted) the same process moves."""
     a, b = Namespace("TDA", 1), Namespace("TDB", 1)
     s = Subject(a)  # forked before /dev/fuse is opened: it must not hold the daemon's fd
-    mnt = f"{WORK}/fuse-unanswered"
-    fuse_fd = -1
+    fuse = None
     try:
-        fuse_fd = _mount_unanswered_fuse(mnt)
-        s.call("run", code=LOOKUP_IN_A_THREAD.format(path=f"{mnt}/name"))
+        fuse = HoldingFuse(f"{WORK}/fuse-unanswered", answer_init=False)
+        s.call("run", code=LOOKUP_IN_A_THREAD.format(path=f"{fuse.mnt}/name"))
         out = {"in_d": _wait_for(lambda: _threads_in_state(s.gpid, "D"))}
         out["refused"] = _refused(s.gpid, b.path, timeout=1.0)
         out["in_d_after"] = _threads_in_state(s.gpid, "D")
-        os.close(fuse_fd)
-        fuse_fd = -1
+        fuse.close()
+        fuse = None
         out["lookup"] = _wait_for(lambda: s.call("run", code="result = LOOKUP")["result"])
         out["moved_after"] = migrate_errno(s.gpid, b.path)
         return out
     finally:
-        if fuse_fd >= 0:
-            os.close(fuse_fd)
-        libc.umount2(mnt.encode(), 2)  # MNT_DETACH
+        if fuse is not None:
+            fuse.close()
         s.kill()
         a.kill()
         b.kill()
+
+
+@check
+def thread_execs_during_a_move() -> dict:
+    """An execve() that waits for another thread to die (de_thread; the thread sleeps in a FUSE
+    request the daemon has read and not answered) refuses a move (EBUSY busy_exec) and leaves
+    every thread as it was; the exec then completes, and the new program moves."""
+    a, b = Namespace("TEA", 1), Namespace("TEB", 1)
+    s = Subject(a)  # forked before the FUSE mount: it must not hold the daemon's fd
+    fuse = None
+    try:
+        fuse = HoldingFuse(f"{WORK}/fuse-holding", answer_init=True)
+        s.call("run", code=LOOKUP_IN_A_THREAD.format(path=f"{fuse.mnt}/name"))
+        out = {"lookup_read": fuse.wait_for(FUSE_LOOKUP)}
+        # The leader execs; no reply comes back: the subject's command loop is being replaced.
+        code = "os.execv('/bin/sleep', ['sleep', '600'])"
+        s.sock.sendall((json.dumps({"cmd": "run", "code": code}) + "\n").encode())
+        out["interrupt_read"] = fuse.wait_for(FUSE_INTERRUPT)  # de_thread's SIGKILL
+        out["in_d"] = _wait_for(lambda: len(_threads_in_state(s.gpid, "D")) == 2)
+        out["refused"] = _refused(s.gpid, b.path)
+        fuse.answer_held()
+        out["comm_after"] = _wait_for(lambda: _comm(s.gpid) == "sleep") and _comm(s.gpid)
+        out["threads_after"] = len(os.listdir(f"/proc/{s.gpid}/task"))
+        m = lib.migrate(s.gpid, b.path)
+        out["moved_after"] = {"pid": m.pid, "comm": _comm(m.global_pid)}
+        os.kill(m.global_pid, signal.SIGKILL)
+        return out
+    finally:
+        if fuse is not None:
+            fuse.close()
+        s.kill()
+        a.kill()
+        b.kill()
+
+
+def _comm(pid: int) -> str:
+    with open(f"/proc/{pid}/comm") as f:
+        return f.read().strip()
 
 
 # In the subject: a worker thread waits for a timer signal and SIGIO directed at it alone
