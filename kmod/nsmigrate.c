@@ -401,6 +401,9 @@ static int nsm_check_task(struct task_struct *tsk, const struct nsm_work *w)
 		return -EINVAL;
 	if (READ_ONCE(tsk->signal->group_exec_task))
 		return nsm_refuse_busy(NSM_B_EXEC);
+	/* Checked again, exactly, once the threads are parked (nsm_copy_fs). */
+	if (w->mntns && READ_ONCE(tsk->signal->nr_threads) != 1)
+		return -EINVAL;
 	if (!nsm_parent_may_lose(tsk, w))
 		return nsm_refuse_busy(NSM_B_PARENT);
 	/* No init yet: alloc_pid() would make the mover PID 1 (see README). */
@@ -773,22 +776,21 @@ static int nsm_retarget_owner(const void *arg, struct file *file,
 }
 
 /*
- * Root and cwd are those of exactly the process's threads (CLONE_FS with
- * another process is refused, as setns(CLONE_NEWNS) does): copy them for
- * the mount-namespace join.
+ * Root and cwd must be the process's alone, as for setns(CLONE_NEWNS): a
+ * shared fs_struct (a second thread, or CLONE_FS with another process) is
+ * refused. Stable 6.12 checks this in the namespace's own install, on the
+ * calling task ("mount: refuse setns() with a shared fs_struct again");
+ * checking it here gives one rule on every kernel. Copy them for the join.
  */
 static int nsm_copy_fs(struct nsm_group *g)
 {
 	struct fs_struct *fs = g->leader->fs;
-	int i, users;
+	int users;
 
-	for (i = 0; i < g->n; i++)
-		if (g->th[i].task->fs != fs)
-			return -EINVAL;
 	spin_lock(&fs->lock);
 	users = fs->users;
 	spin_unlock(&fs->lock);
-	if (users != g->n)
+	if (g->n != 1 || users != 1)
 		return -EINVAL;
 	g->fs = ksym.copy_fs_struct(fs);
 	return g->fs ? 0 : -ENOMEM;

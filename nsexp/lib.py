@@ -17,8 +17,8 @@ from nsexp import uapi
 _HINTS = {
     errno.ESRCH: "no such process, it exited before the switch, or the chosen parent is gone",
     errno.EINVAL: "a kernel thread, a namespace init, already in the target namespace, the "
-    "target is not a PID namespace, an unfit parent, a thread that shares its root/cwd with "
-    "another process (with mntns), or a bad request",
+    "target is not a PID namespace, an unfit parent, more than one thread or a root/cwd shared "
+    "with another process (with mntns), or a bad request",
     errno.EPERM: "needs CAP_SYS_ADMIN over both namespaces, ptrace access to the process "
     "(PTRACE_MODE_ATTACH_REALCREDS), and the target namespace visible from the caller's",
     errno.EBUSY: "a thread with children, a traced or tracing thread, a vfork child, an "

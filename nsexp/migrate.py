@@ -150,7 +150,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="NSFILE",
         help="also join this mount namespace (/proc/Q/ns/mnt) in the same step, as setns(2) "
         "would, so that /proc, ps and getpid agree in the target; root and cwd become that "
-        "namespace's root",
+        "namespace's root; a process with more than one thread is refused (EINVAL), as setns(2) "
+        "refuses it",
     )
     p.add_argument(
         "--timeout",

@@ -556,25 +556,22 @@ def test_threads_not_reaching_a_safe_point_time_out_untouched(guest: dict) -> No
     assert d["stopped_moved_after"] == 0
 
 
-def test_every_thread_joins_the_mount_namespace_too(guest: dict) -> None:
-    """NSMIGRATE_F_MNTNS on a 5-thread process: each thread is in B's PID and mount namespaces,
-    and each one's /proc/thread-self (B's own /proc) names its TID in B."""
-    d = data(guest, "threads_join_mount_ns")
-    before, after = d["before"], d["after"]
-    assert len(before["seen"]) == 4 and all(
-        str(v).startswith(f"{before['pid']}/task/") for v in before["seen"].values()
-    ), before
-    assert after["pid"] == d["new_pid"] != before["pid"]
-    assert len(after["tasks"]) == 5, after
-    # Every reader thread, running again, reads its own new TID through B's /proc.
-    seen = after["seen"]
-    assert sorted(seen) == ["0", "1", "2", "3"], after
-    assert all(isinstance(v, str) and v.startswith(f"{after['pid']}/task/") for v in seen.values())
-    seen_tids = {v.rsplit("/", 1)[1] for v in seen.values()}
-    assert len(seen_tids) == 4 and seen_tids < set(after["tasks"]), after
-    assert d["threads_mnt"] == [d["mnt_b"]] * 5
-    assert all(v["ns"] == d["b_ns"] == v["ns_for_children"] for v in d["views"].values())
-    assert after["cwd"] == "/"  # a mount-namespace join sets root and cwd to its root, as setns
+def test_mount_namespace_join_of_threads_is_refused_untouched(guest: dict) -> None:
+    """NSMIGRATE_F_MNTNS on a 5-thread process: EINVAL on every kernel (as setns(CLONE_NEWNS)
+    with a shared fs_struct), every thread as it was and still reading A's /proc; without the
+    flag the same process moves."""
+    d = data(guest, "threads_mount_ns_refused")
+    assert d["threads"] == 5
+    r = d["refused"]
+    assert r["errno"] == errno.EINVAL, r
+    assert r["counted"] == {"refused_einval": 1}, r
+    assert r["same"]
+    assert d["threads_mnt"] == [d["mnt_a"]] * 5
+    before, after = d["before"], d["after_refusal"]
+    assert after["pid"] == before["pid"]
+    assert sorted(after["seen"]) == ["0", "1", "2", "3"], after
+    assert all(str(v).startswith(f"{before['pid']}/task/") for v in after["seen"].values()), after
+    assert d["moved_without_flag"] == 0
 
 
 def test_thread_in_uninterruptible_sleep_times_out_untouched(guest: dict) -> None:

@@ -270,15 +270,15 @@ result = {"pid": os.getpid(), "seen": dict(SEEN)}
 THREADS_SEEN = """
 SEEN.clear()
 time.sleep(0.3)
-result = {"pid": os.getpid(), "seen": dict(SEEN), "cwd": os.getcwd(),
-          "tasks": sorted(os.listdir(f"/proc/{os.getpid()}/task"))}
+result = {"pid": os.getpid(), "seen": dict(SEEN)}
 """
 
 
 @check
-def threads_join_mount_ns() -> dict:
-    """NSMIGRATE_F_MNTNS with several threads: every thread joins B's mount namespace with the
-    PID namespace, so each one's /proc/thread-self names its new TID in B's own /proc."""
+def threads_mount_ns_refused() -> dict:
+    """NSMIGRATE_F_MNTNS needs a root and cwd that are the process's alone, as setns(CLONE_NEWNS)
+    does: a 5-thread process is refused (EINVAL) with every thread as it was, still reading
+    A's /proc; without the flag it moves."""
     a, b = Namespace("TMA", 1, own_proc=True), Namespace("TMB", 2, own_proc=True)
     try:
         s = Subject(a)
@@ -291,20 +291,17 @@ def threads_join_mount_ns() -> dict:
         if "error" in joined:
             raise RuntimeError(f"the subject could not join A's mount namespace: {joined}")
         before = s.call("run", code=THREADS_READING_PROC)["result"]
-        m = lib.migrate(s.gpid, b.path, mntns=mnt_b)
-        after = s.call("run", code=THREADS_SEEN)["result"]
-        tasks = os.listdir(f"/proc/{m.global_pid}/task")
-        return {
+        tasks = os.listdir(f"/proc/{s.gpid}/task")
+        out = {
             "before": before,
-            "after": after,
-            "new_pid": m.pid,
-            "mnt_b": os.readlink(mnt_b),
-            "threads_mnt": sorted(
-                os.readlink(f"/proc/{m.global_pid}/task/{t}/ns/mnt") for t in tasks
-            ),
-            "views": thread_views(m.global_pid),
-            "b_ns": os.readlink(f"/proc/{b.init}/ns/pid"),
+            "threads": len(tasks),
+            "refused": _refused(s.gpid, b.path, mntns=mnt_b),
+            "after_refusal": s.call("run", code=THREADS_SEEN)["result"],
+            "mnt_a": os.readlink(mnt_a),
+            "threads_mnt": sorted(os.readlink(f"/proc/{s.gpid}/task/{t}/ns/mnt") for t in tasks),
         }
+        out["moved_without_flag"] = migrate_errno(s.gpid, b.path)
+        return out
     finally:
         a.kill()
         b.kill()
