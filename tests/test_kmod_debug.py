@@ -268,8 +268,9 @@ def test_module_unloads_on_debug(debug_boot: dict) -> None:
 
 # --- fault injection --------------------------------------------------------------------------
 
-#: allocation-failure paths every migration has (fault_injection.paths marks the others)
-REQUIRED_PATHS = ("work", "nsproxy", "pid")
+#: allocation-failure paths every migration has (fault_injection.paths marks the others), and
+#: the one a migration with NSMIGRATE_F_MNTNS adds (fault_injection.mntns_paths)
+REQUIRED_PATHS = ("work", "nsproxy", "pid", "fs_struct")
 
 
 def _faults(debug_boot: dict) -> dict:

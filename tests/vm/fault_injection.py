@@ -153,6 +153,7 @@ def snapshot(subject: Subject, ns: Namespace) -> dict:
         "outside": subject.outside(),
         "ns_pid": os.readlink(f"/proc/{g}/ns/pid"),
         "ns_pid_for_children": os.readlink(f"/proc/{g}/ns/pid_for_children"),
+        "ns_mnt": os.readlink(f"/proc/{g}/ns/mnt"),
         "inside": subject.call("state"),
         "source_children": ns.children(),
         "exists": os.path.exists(f"/proc/{g}"),
@@ -201,10 +202,24 @@ def paths(ks: Kallsyms, target_level: int) -> list[dict]:
     ]
 
 
-def migrate(subject: Subject, target: Namespace) -> int:
+def mntns_paths(ks: Kallsyms) -> list[dict]:
+    """The allocation a migration with NSMIGRATE_F_MNTNS adds."""
+    return [
+        # the copy of the mover's root and cwd for the mount-namespace join (nsm_copy_fs)
+        {
+            "path": "fs_struct",
+            "side": "mover",
+            "require": ks.function("copy_fs_struct"),
+            "caches": ["fs_cache"],
+            "mntns": True,
+        },
+    ]
+
+
+def migrate(subject: Subject, target: Namespace, mntns: str | None = None) -> int:
     """Move the subject into ``target``; 0 or the errno. Follows its new global PID."""
     try:
-        m = lib.migrate(subject.gpid, target.path, timeout=30)
+        m = lib.migrate(subject.gpid, target.path, timeout=30, mntns=mntns)
     except OSError as e:
         return e.errno
     subject.gpid = m.global_pid
@@ -216,10 +231,11 @@ def attempt(p: dict, subject: Subject, a: Namespace, b: Namespace) -> dict:
     who = os.getpid() if p["side"] == "caller" else subject.gpid
     before = snapshot(subject, a)
     counters_before = stats()
+    mntns = f"/proc/{b.init}/ns/mnt" if p.get("mntns") else None
     make_it_fail(who, True)
     fault.arm(p["require"], p["caches"])
     try:
-        err = migrate(subject, b)
+        err = migrate(subject, b, mntns)
     finally:
         injected = fault.disarm()
         # a move that went through despite the fault gave the subject a new global PID
@@ -239,6 +255,44 @@ def attempt(p: dict, subject: Subject, a: Namespace, b: Namespace) -> dict:
     }
 
 
+def take_paths(
+    todo: list[dict], subject: Subject, a: Namespace, b: Namespace, repeat: int, out: dict
+) -> None:
+    """Fail each path of ``todo`` in turn (up to ``repeat`` attempts), recording into ``out``."""
+    for p in todo:
+        rec = {k: v for k, v in p.items() if k not in ("require",)}
+        rec["require"] = [hex(x) for x in p["require"]]
+        rec["attempts"] = []
+        for _ in range(repeat):
+            rec["attempts"].append(attempt(p, subject, a, b))
+            if rec["attempts"][-1]["errno"] == 0:
+                break  # it moved: nothing left to fail in this configuration
+        out[p["path"]] = rec
+        if rec["attempts"][-1]["errno"] == 0:
+            break  # now in B: the next paths would only meet "already there"
+
+
+def _mount_ns_join_paths(ks: Kallsyms, repeat: int) -> dict:
+    """The F_MNTNS paths, on a subject in C's own mount namespace moving into D's."""
+    c, d = Namespace("FIC", 1, own_proc=True), Namespace("FID", 1, own_proc=True)
+    joiner = Subject(c)
+    out: dict = {}
+    try:
+        joined = joiner.call(
+            "run",
+            code="from nsexp.nsutil import CLONE_NEWNS, setns; "
+            f"setns(os.open('/proc/{c.init}/ns/mnt', os.O_RDONLY), CLONE_NEWNS)",
+        )
+        if "error" in joined:
+            raise RuntimeError(f"the subject could not join C's mount namespace: {joined}")
+        take_paths(mntns_paths(ks), joiner, c, d, repeat, out)
+    finally:
+        joiner.kill()
+        c.kill()
+        d.kill()
+    return out
+
+
 def run(repeat: int) -> dict:
     mount_debugfs()
     os.makedirs(WORK, exist_ok=True)
@@ -250,17 +304,7 @@ def run(repeat: int) -> dict:
     out: dict = {"paths": {}}
     try:
         subject.call("incr", n=7)
-        for p in paths(ks, target_level=1):
-            rec = {k: v for k, v in p.items() if k not in ("require",)}
-            rec["require"] = [hex(x) for x in p["require"]]
-            rec["attempts"] = []
-            for _ in range(repeat):
-                rec["attempts"].append(attempt(p, subject, a, b))
-                if rec["attempts"][-1]["errno"] == 0:
-                    break  # it moved: nothing left to fail in this configuration
-            out["paths"][p["path"]] = rec
-            if rec["attempts"][-1]["errno"] == 0:
-                break  # now in B: the next paths would only meet "already there"
+        take_paths(paths(ks, target_level=1), subject, a, b, repeat, out["paths"])
         # No leftover: the same process now moves normally (into the namespace it is not in).
         here = os.readlink(f"/proc/{subject.gpid}/ns/pid")
         other = a if here == os.readlink(f"/proc/{b.init}/ns/pid") else b
@@ -273,6 +317,7 @@ def run(repeat: int) -> dict:
             "counter_after": state_after.get("counter"),
             "pid_after": state_after.get("pid"),
         }
+        out["paths"].update(_mount_ns_join_paths(ks, repeat))
     finally:
         subject.kill()
         a.kill()
