@@ -278,13 +278,7 @@ def _mount_ns_join_paths(ks: Kallsyms, repeat: int) -> dict:
     joiner = Subject(c)
     out: dict = {}
     try:
-        joined = joiner.call(
-            "run",
-            code="from nsexp.nsutil import CLONE_NEWNS, setns; "
-            f"setns(os.open('/proc/{c.init}/ns/mnt', os.O_RDONLY), CLONE_NEWNS)",
-        )
-        if "error" in joined:
-            raise RuntimeError(f"the subject could not join C's mount namespace: {joined}")
+        joiner.join_mount_ns(f"/proc/{c.init}/ns/mnt")
         take_paths(mntns_paths(ks), joiner, c, d, repeat, out)
     finally:
         joiner.kill()

@@ -342,6 +342,16 @@ class Subject:
             sock.sendall((json.dumps(rep) + "\n").encode())
         os._exit(0)
 
+    def join_mount_ns(self, path: str, cwd: str | None = None) -> None:
+        """setns(CLONE_NEWNS) in the subject (single-threaded at that point), then chdir."""
+        code = "from nsexp.nsutil import CLONE_NEWNS, setns; "
+        code += f"setns(os.open({path!r}, os.O_RDONLY), CLONE_NEWNS)"
+        if cwd is not None:
+            code += f"; os.chdir({cwd!r})"
+        joined = self.call("run", code=code)
+        if "error" in joined:
+            raise RuntimeError(f"the subject could not join the mount namespace {path}: {joined}")
+
     def outside(self, gpid: int | None = None) -> dict:
         gpid = gpid or self.gpid
         st = status(gpid)

@@ -546,13 +546,7 @@ def proc_view() -> dict:
     try:
         s = Subject(a)
         mnt_a, mnt_b = f"/proc/{a.init}/ns/mnt", f"/proc/{b.init}/ns/mnt"
-        joined_a = s.call(
-            "run",
-            code="from nsexp.nsutil import CLONE_NEWNS, setns; "
-            f"setns(os.open({mnt_a!r}, os.O_RDONLY), CLONE_NEWNS); os.chdir('/tmp')",
-        )
-        if "error" in joined_a:
-            raise RuntimeError(f"the subject could not join A's mount namespace: {joined_a}")
+        s.join_mount_ns(mnt_a, cwd="/tmp")
         before = s.call("run", code=PROC_VIEW)["result"]
         m = lib.migrate(s.gpid, b.path)
         plain = s.call("run", code=PROC_VIEW)["result"]

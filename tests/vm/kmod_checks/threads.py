@@ -22,6 +22,7 @@ from harness import (
     libc,
     migrate_counted,
     migrate_errno,
+    proc_info,
     seize,
     stats,
     stats_delta,
@@ -175,34 +176,46 @@ def _children_of_threads(pid: int) -> list[int]:
     return kids
 
 
+def _wait_for(probe, wait_s: float = 10.0):
+    """``probe()`` once it is truthy, or its last value after wait_s."""
+    deadline = time.monotonic() + wait_s
+    while not (value := probe()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return value
+
+
+def _thread_names(pid: int) -> list[str]:
+    return sorted(proc_info(int(t)).comm for t in os.listdir(f"/proc/{pid}/task"))
+
+
 def _thread_names_once(pid: int, prefix: str, wait_s: float = 10.0) -> list[str]:
     """The comm of every thread of ``pid``, once one starts with ``prefix`` (or wait_s passed).
 
     io_uring's SQPOLL thread names itself (io_sq_thread: set_task_comm) only when it first
     runs, which on a loaded host can be well after io_uring_setup has returned."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        names = sorted(
-            open(f"/proc/{pid}/task/{t}/comm").read().strip()
-            for t in os.listdir(f"/proc/{pid}/task")
-        )
-        if any(n.startswith(prefix) for n in names) or time.monotonic() > deadline:
-            return names
-        time.sleep(0.05)
+    _wait_for(lambda: any(n.startswith(prefix) for n in _thread_names(pid)), wait_s)
+    return _thread_names(pid)
+
+
+def _threads_in_state(pid: int, state: str) -> list[int]:
+    """Global TIDs of the threads of ``pid`` in ``state`` (a /proc stat letter)."""
+    found = []
+    for t in os.listdir(f"/proc/{pid}/task"):
+        try:
+            if proc_info(int(t)).state == state:
+                found.append(int(t))
+        except FileNotFoundError:
+            pass
+    return found
 
 
 def _all_threads_in_state(pid: int, state: str, wait_s: float = 10.0) -> bool:
     """Whether every thread of ``pid`` reaches ``state`` (a /proc stat letter) within wait_s."""
-    deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline:
-        states = []
-        for t in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{t}/stat") as f:
-                states.append(f.read().rsplit(")", 1)[1].split()[0])
-        if all(x == state for x in states):
-            return True
-        time.sleep(0.05)
-    return False
+
+    def every() -> bool:
+        return len(_threads_in_state(pid, state)) == len(os.listdir(f"/proc/{pid}/task"))
+
+    return _wait_for(every, wait_s)
 
 
 @check
@@ -283,13 +296,7 @@ def threads_mount_ns_refused() -> dict:
     try:
         s = Subject(a)
         mnt_a, mnt_b = f"/proc/{a.init}/ns/mnt", f"/proc/{b.init}/ns/mnt"
-        joined = s.call(
-            "run",
-            code="from nsexp.nsutil import CLONE_NEWNS, setns; "
-            f"setns(os.open({mnt_a!r}, os.O_RDONLY), CLONE_NEWNS); os.chdir('/tmp')",
-        )
-        if "error" in joined:
-            raise RuntimeError(f"the subject could not join A's mount namespace: {joined}")
+        s.join_mount_ns(mnt_a, cwd="/tmp")
         before = s.call("run", code=THREADS_READING_PROC)["result"]
         tasks = os.listdir(f"/proc/{s.gpid}/task")
         out = {
@@ -319,27 +326,6 @@ def _lookup():
         LOOKUP.append(exc.errno)
 threading.Thread(target=_lookup, daemon=True).start()
 """
-
-
-def _threads_in_state(pid: int, state: str) -> list[int]:
-    """Global TIDs of the threads of ``pid`` in ``state`` (a /proc stat letter)."""
-    found = []
-    for t in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{t}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] == state:
-                    found.append(int(t))
-        except FileNotFoundError:
-            pass
-    return found
-
-
-def _wait_for(probe, wait_s: float = 10.0):
-    """``probe()`` once it is truthy, or its last value after wait_s."""
-    deadline = time.monotonic() + wait_s
-    while not (value := probe()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return value
 
 
 @check
@@ -388,10 +374,12 @@ def thread_execs_during_a_move() -> dict:
         out["in_d"] = _wait_for(lambda: len(_threads_in_state(s.gpid, "D")) == 2)
         out["refused"] = _refused(s.gpid, b.path)
         fuse.answer_held()
-        out["comm_after"] = _wait_for(lambda: _comm(s.gpid) == "sleep") and _comm(s.gpid)
+        out["comm_after"] = (
+            _wait_for(lambda: proc_info(s.gpid).comm == "sleep") and proc_info(s.gpid).comm
+        )
         out["threads_after"] = len(os.listdir(f"/proc/{s.gpid}/task"))
         m = lib.migrate(s.gpid, b.path)
-        out["moved_after"] = {"pid": m.pid, "comm": _comm(m.global_pid)}
+        out["moved_after"] = {"pid": m.pid, "comm": proc_info(m.global_pid).comm}
         os.kill(m.global_pid, signal.SIGKILL)
         return out
     finally:
@@ -400,11 +388,6 @@ def thread_execs_during_a_move() -> dict:
         s.kill()
         a.kill()
         b.kill()
-
-
-def _comm(pid: int) -> str:
-    with open(f"/proc/{pid}/comm") as f:
-        return f.read().strip()
 
 
 # In the subject: a worker thread waits for a timer signal and SIGIO directed at it alone
