@@ -5,6 +5,7 @@ Host-side only (ipywidgets, IPython, matplotlib, imported lazily in the methods 
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from pathlib import Path
@@ -42,18 +43,38 @@ TESTBED_COST = {
 
 
 def same_process_note(hops: pd.DataFrame) -> str:
-    """What the start times of a run's hops say: one process that travels, or one per hop."""
+    """What the start times of a run's hops say: one process that travelled, or new ones.
+
+    A start time is a count of clock ticks, so a process started within the tick of the
+    one before looks alike: the note counts the hops where the start time changed, and says so
+    when that is not every hop, instead of counting distinct start times.
+    """
     from nsexp.experiment import tables
 
     ok = hops[tables.ok_mask(hops)]
     if "start_time" not in ok.columns or ok["start_time"].isna().all():
         return "no start times recorded"
-    starts = ok.groupby("run_id")["start_time"].nunique() if "run_id" in ok else None
-    n = int(starts.max()) if starts is not None and len(starts) else ok["start_time"].nunique()
-    stops = int(ok.groupby("run_id")["hop"].nunique().max()) if "run_id" in ok else len(ok)
-    if n == 1:
+    runs = [g for _, g in ok.groupby("run_id")] if "run_id" in ok else [ok]
+    stops = max(len(g) for g in runs)
+    changed = max(_start_time_changes(g) for g in runs)
+    if changed == 0:
         return f"one process: the same start time at all {stops} stops (it travelled)"
-    return f"{n} processes: a new start time at each of the {stops} stops (a new process per hop)"
+    if changed == stops - 1:
+        return (
+            f"{stops} processes: a new start time at each of the {stops} stops "
+            "(a new process per hop)"
+        )
+    tick_ms = 1000 // os.sysconf("SC_CLK_TCK")
+    return (
+        f"a new start time at {changed} of the {stops - 1} hops (a new process there; start "
+        f"times count {tick_ms} ms ticks, so a process started in the tick of the one before "
+        "looks alike)"
+    )
+
+
+def _start_time_changes(run: pd.DataFrame) -> int:
+    starts = run.sort_values("hop")["start_time"].dropna().tolist()
+    return sum(a != b for a, b in itertools.pairwise(starts))
 
 
 class Explorer:

@@ -12,6 +12,7 @@ committed. A screenshot stays in build/explorer/. No jupyter or chromium process
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import secrets
 import shutil
@@ -259,12 +260,18 @@ def test_explorer_runs_in_a_real_browser(lab):
             gpids = [r[col["global_pid"]] for r in table["rows"]]
             starts = [r[col["start_time"]] for r in table["rows"]]
             assert all(g.isdigit() for g in gpids) and len(set(gpids)) == 4, gpids
-            # restart makes a new process per stop, and the page says so, from the data.
-            assert len(set(starts)) == 4 and all(s not in ("", "<NA>") for s in starts), starts
-            widget.locator(
-                "p", has_text="4 processes: a new start time at each of the 4 stops"
-            ).wait_for()
-            assert "4 processes" in status.inner_text()
+            # restart makes a new process per stop, and the page says what the start times
+            # show. They count clock ticks: a successor started within the tick of the process
+            # before it has the same one (seen in CI), and then the page must not say 4.
+            assert all(s.isdigit() for s in starts), starts
+            changed = sum(a != b for a, b in itertools.pairwise(starts))
+            assert changed >= 1, f"restart kept one start time at every stop: {starts}"
+            if changed == 3:
+                said = "4 processes: a new start time at each of the 4 stops"
+            else:
+                said = f"a new start time at {changed} of the 3 hops"
+            widget.locator("p", has_text=said).wait_for()
+            assert said in status.inner_text()
             loaded = images.evaluate_all("imgs => imgs.map(i => i.complete && i.naturalWidth)")
             assert all(w and w > 200 for w in loaded), loaded
             images.evaluate_all("imgs => Promise.all(imgs.map(i => i.decode()))")

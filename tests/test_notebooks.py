@@ -344,3 +344,28 @@ def test_explorer_button_runs(tmp_path: Path) -> None:
     explorer.testbed.value = "native"
     explorer.button.click()
     assert explorer.status.value.startswith(("<b>failed</b>", "done"))
+
+
+def test_same_process_note_counts_changes_not_distinct_start_times() -> None:
+    """Start times count clock ticks: a successor started in its predecessor's tick looks alike."""
+
+    def hops(starts: list[int], run_ids: list[str] | None = None) -> pd.DataFrame:
+        n = len(starts)
+        return pd.DataFrame(
+            {
+                "run_id": run_ids or ["r"] * n,
+                "hop": list(range(n)),
+                "start_time": starts,
+                "status": ["ok"] * n,
+            }
+        )
+
+    assert ex.same_process_note(hops([7, 7, 7, 7])).startswith("one process: the same start")
+    assert ex.same_process_note(hops([10, 18, 19, 20])).startswith("4 processes: a new start")
+    # What CI saw with restart: the last two stops in one tick. Not "3 processes".
+    tied = ex.same_process_note(hops([10, 18, 19, 19]))
+    assert tied.startswith("a new start time at 2 of the 3 hops"), tied
+    # Two runs: each counted on its own hops.
+    two = hops([3, 3, 9, 9], run_ids=["a", "a", "b", "b"])
+    two["hop"] = [0, 1, 0, 1]
+    assert ex.same_process_note(two).startswith("one process: the same start time at all 2")
